@@ -1,0 +1,70 @@
+# Spaces: one Makefile for set-up, code generation, the local stack, tests and benchmarks.
+# `make up` and `make test` work on a fresh clone: every target below installs what it needs.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+INSTALLED := $(VENV)/.installed
+NODE_INSTALLED := node_modules/.installed
+PROTO_SOURCES := $(shell find protos tests/protos -name '*.proto' 2>/dev/null)
+PROTO_STAMP := build/gen/.stamp
+BUF := node_modules/.bin/buf
+PYTEST_ARGS ?=
+
+.PHONY: all install proto lint format test test-resilience up bench chart lock clean
+
+all: test
+
+$(INSTALLED): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
+	@# Put the repository and the generated protos on the venv's import path.
+	$(PY) -c "import sysconfig, pathlib; root = pathlib.Path.cwd(); \
+	  pathlib.Path(sysconfig.get_paths()['purelib'], 'spaces.pth').write_text(f'{root}\n{root}/build/gen\n')"
+	@touch $@
+
+$(NODE_INSTALLED): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(INSTALLED) $(NODE_INSTALLED)
+
+$(PROTO_STAMP): $(INSTALLED) $(PROTO_SOURCES) tools/protogen.py
+	$(PY) tools/protogen.py
+	@touch $@
+
+proto: $(PROTO_STAMP)
+
+lint: $(PROTO_STAMP) $(NODE_INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services tools
+	$(BUF) lint build/spaces.binpb --path spaces --config buf.yaml
+	$(PY) tools/buf_breaking.py
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(PY) -m pytest -q -m "not resilience" $(PYTEST_ARGS) tests
+
+test-resilience: $(PROTO_STAMP)
+	$(PY) -m pytest -q -m resilience $(PYTEST_ARGS) tests/resilience
+
+up: $(PROTO_STAMP)
+	$(PY) -m tools.devstack
+
+bench: $(PROTO_STAMP)
+	$(PY) tools/bench.py
+
+lock: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache
