@@ -59,6 +59,39 @@ def bootstrap_descriptor_set(path: Path) -> None:
     path.write_bytes(fds.SerializeToString())
 
 
+def include_args(protos: Path, bootstrap: Path) -> list[str]:
+    """The protoc flags that resolve our imports: validate.proto, googleapis, well-known."""
+    googleapis = Path(google.api.annotations_pb2.__file__).parent.parent.parent
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    return [
+        f"--descriptor_set_in={bootstrap}",
+        f"--proto_path={protos}",
+        f"--proto_path={googleapis}",
+        f"--proto_path={well_known}",
+    ]
+
+
+def proto_files(protos: Path) -> list[str]:
+    return sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
+
+
+def build_descriptor_set(protos: Path, out: Path) -> int:
+    """Compile ``protos`` into a descriptor set only (used to compare against old commits)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bootstrap = out.with_suffix(".bootstrap.binpb")
+    bootstrap_descriptor_set(bootstrap)
+    return protoc.main(
+        [
+            "grpc_tools.protoc",
+            *include_args(protos, bootstrap),
+            "--include_imports",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            *proto_files(protos),
+        ]
+    )
+
+
 def main() -> int:
     if GEN.exists():
         shutil.rmtree(GEN)
@@ -66,51 +99,54 @@ def main() -> int:
     bootstrap = BUILD / "bootstrap.binpb"
     bootstrap_descriptor_set(bootstrap)
 
-    googleapis = Path(google.api.annotations_pb2.__file__).parent.parent.parent
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
-    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    sources = proto_files(PROTOS)
     if not sources:
         print("no .proto files under protos/", file=sys.stderr)
         return 1
 
     bindir = Path(sys.executable).parent
-    args = [
-        "grpc_tools.protoc",
-        f"--descriptor_set_in={bootstrap}",
-        f"--proto_path={PROTOS}",
-        f"--proto_path={googleapis}",
-        f"--proto_path={well_known}",
+    plugins = [
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={GEN}",
         f"--mypy_out={GEN}",
         f"--grpc_python_out={GEN}",
         f"--mypy_grpc_out={GEN}",
-        "--include_imports",
-        "--include_source_info",
-        f"--descriptor_set_out={DESCRIPTOR_SET}",
-        "buf/validate/validate.proto",
-        *sources,
     ]
-    code = protoc.main(args)
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            *include_args(PROTOS, bootstrap),
+            *plugins,
+            "--include_imports",
+            "--include_source_info",
+            f"--descriptor_set_out={DESCRIPTOR_SET}",
+            "buf/validate/validate.proto",
+            *sources,
+        ]
+    )
     if code != 0:
         print("protoc failed", file=sys.stderr)
         return code
     # Protos used only by tests are generated beside the product's, but stay out of the
     # published descriptor set and out of buf's checks.
-    test_sources = sorted(str(p.relative_to(TEST_PROTOS)) for p in TEST_PROTOS.rglob("*.proto"))
+    test_sources = proto_files(TEST_PROTOS) if TEST_PROTOS.exists() else []
     if test_sources:
-        test_args = [a for a in args if not a.startswith(("--descriptor_set_out", "--include"))]
-        test_args = [a for a in test_args if not a.endswith(".proto")]
-        test_args.insert(1, f"--proto_path={TEST_PROTOS}")
-        code = protoc.main(test_args + test_sources)
+        code = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"--proto_path={TEST_PROTOS}",
+                *include_args(PROTOS, bootstrap),
+                *plugins,
+                *test_sources,
+            ]
+        )
         if code != 0:
             print("protoc failed on tests/protos", file=sys.stderr)
             return code
     # Every generated folder becomes a regular package so mypy and importers agree.
-    for folder in [GEN, *(p for p in GEN.rglob("*") if p.is_dir())]:
-        if folder != GEN:
-            (folder / "__init__.py").touch()
+    for folder in (p for p in GEN.rglob("*") if p.is_dir()):
+        (folder / "__init__.py").touch()
     (GEN / "py.typed").touch()
     print(f"generated {len(sources)} proto files into {GEN.relative_to(ROOT)}")
     return 0

