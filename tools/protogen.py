@@ -80,15 +80,17 @@ def build_descriptor_set(protos: Path, out: Path) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     bootstrap = out.with_suffix(".bootstrap.binpb")
     bootstrap_descriptor_set(bootstrap)
-    return protoc.main(
-        [
-            "grpc_tools.protoc",
-            *include_args(protos, bootstrap),
-            "--include_imports",
-            "--include_source_info",
-            f"--descriptor_set_out={out}",
-            *proto_files(protos),
-        ]
+    return int(
+        protoc.main(
+            [
+                "grpc_tools.protoc",
+                *include_args(protos, bootstrap),
+                "--include_imports",
+                "--include_source_info",
+                f"--descriptor_set_out={out}",
+                *proto_files(protos),
+            ]
+        )
     )
 
 
@@ -113,7 +115,7 @@ def main() -> int:
         f"--grpc_python_out={GEN}",
         f"--mypy_grpc_out={GEN}",
     ]
-    code = protoc.main(
+    code: int = protoc.main(
         [
             "grpc_tools.protoc",
             *include_args(PROTOS, bootstrap),
