@@ -1,0 +1,1 @@
+"""Shared helpers for tests: signing keys and tokens, and in-process test services."""
