@@ -27,7 +27,9 @@ $(INSTALLED): requirements.lock pyproject.toml
 	@touch $@
 
 $(NODE_INSTALLED): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	@# npm ci trips over the platform-specific optional packages missing from the lock
+	@# (npm bug 4828); install honours the lock and the exact version in package.json.
+	npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
 install: $(INSTALLED) $(NODE_INSTALLED)

@@ -111,9 +111,9 @@ def main() -> int:
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={GEN}",
-        f"--mypy_out={GEN}",
+        f"--mypy_out=quiet:{GEN}",
         f"--grpc_python_out={GEN}",
-        f"--mypy_grpc_out={GEN}",
+        f"--mypy_grpc_out=quiet:{GEN}",
     ]
     code: int = protoc.main(
         [
