@@ -136,8 +136,12 @@ else:
     _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 
-class OutgoingCallInterceptor(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
+class OutgoingCallInterceptor:
     """Adds the deadline, request id and bearer token to every outgoing call.
+
+    grpc.aio files an interceptor under the FIRST call kind it is an instance of, so one
+    object cannot serve all four kinds: :meth:`for_all_kinds` returns one adapter per kind
+    sharing this object's logic.
 
     :param token_issuer: mints this service's token; ``None`` sends none of its own.
     :param identity: whose token calls carry unless :func:`call_as` says otherwise.
@@ -166,7 +170,7 @@ class OutgoingCallInterceptor(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamSt
                 return token
         return self._issuer.token() if self._issuer is not None else None
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         timeout = details.timeout if details.timeout is not None else self._default_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -184,21 +188,50 @@ class OutgoingCallInterceptor(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamSt
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+    def for_all_kinds(self) -> list[Any]:
+        """One interceptor per call kind, all adding what :meth:`details` adds."""
+        return [
+            _UnaryUnaryOutgoing(self),
+            _UnaryStreamOutgoing(self),
+            _StreamUnaryOutgoing(self),
+            _StreamStreamOutgoing(self),
+        ]
+
+
+class _UnaryUnaryOutgoing(_UnaryUnary):
+    def __init__(self, outgoing: OutgoingCallInterceptor) -> None:
+        self._outgoing = outgoing
+
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._outgoing.details(details), request)
+
+
+class _UnaryStreamOutgoing(_UnaryStream):
+    def __init__(self, outgoing: OutgoingCallInterceptor) -> None:
+        self._outgoing = outgoing
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._outgoing.details(details), request)
+
+
+class _StreamUnaryOutgoing(_StreamUnary):
+    def __init__(self, outgoing: OutgoingCallInterceptor) -> None:
+        self._outgoing = outgoing
 
     async def intercept_stream_unary(
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self._outgoing.details(details), request_iterator)
+
+
+class _StreamStreamOutgoing(_StreamStream):
+    def __init__(self, outgoing: OutgoingCallInterceptor) -> None:
+        self._outgoing = outgoing
 
     async def intercept_stream_stream(
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(self._outgoing.details(details), request_iterator)
 
 
 def create_channel(
@@ -235,9 +268,9 @@ def create_channel(
         *options,
     ]
     interceptors: list[Any] = [
-        OutgoingCallInterceptor(
+        *OutgoingCallInterceptor(
             token_issuer=token_issuer, identity=identity, default_timeout_s=default_timeout_s
-        ),
+        ).for_all_kinds(),
         *client_tracing_interceptors(),
     ]
     return grpc.aio.insecure_channel(target, options=channel_options, interceptors=interceptors)

@@ -162,6 +162,10 @@ class Service:
                 ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
                 # Fail loudly when the port is taken instead of sharing it with a stale process.
                 ("grpc.so_reuseport", 0),
+                # gRPC core cancels calls beyond 1,000 waiting to be picked up; a Space's
+                # listeners reconnecting at once (a rooms restart) exceed that, so raise it.
+                ("grpc.server.max_pending_requests", 20_000),
+                ("grpc.server.max_pending_requests_hard_limit", 40_000),
             ],
         )
         self._server = server

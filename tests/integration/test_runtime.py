@@ -442,3 +442,15 @@ async def test_calls_wait_for_start_up_hooks(signing_key: SigningKey) -> None:
         release.set()
         await starting
         await service.stop(grace=0)
+
+
+async def test_channel_token_reaches_every_call_kind(signing_key: SigningKey) -> None:
+    """Unary and server-streaming calls both carry the service token the channel adds."""
+    async with running_testing_service(signing_key) as service:
+        issuer = ServiceTokenIssuer("rooms", TEST_INTERNAL_SECRET)
+        async with create_channel(f"127.0.0.1:{service.port}", token_issuer=issuer) as channel:
+            stub = pb_grpc.TestingServiceStub(channel)
+            who = await stub.InternalWhoAmI(pb.InternalWhoAmIRequest())
+            assert (who.caller.kind, who.caller.subject) == ("service", "rooms")
+            values = [reply.value async for reply in stub.Count(pb.CountRequest(n=3))]
+            assert values == [1, 2, 3]
