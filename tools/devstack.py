@@ -170,7 +170,9 @@ class Stack:
             {
                 "SPACES_DATABASE_URL": self.database_url,
                 "SPACES_REDIS_URL": self.redis_url,
-                "SPACES_INTERNAL_SECRET": self._internal_secret(),
+                "SPACES_INTERNAL_SECRET": self._secret("internal-secret"),
+                "SPACES_MEDIA_GRANT_SECRET": self._secret("media-grant-secret"),
+                "ROOMS_LIVE_RESUME_TOKEN_SECRET": self._secret("resume-token-secret"),
                 "SPACES_RUN_DIR": str(self.run_dir),
                 "PYTHONUNBUFFERED": "1",
             }
@@ -189,9 +191,9 @@ class Stack:
         env.update(self.extra_env)
         return env
 
-    def _internal_secret(self) -> str:
-        """A per-stack key for service tokens, kept in the run dir so restarts agree."""
-        path = self.run_dir / "internal-secret"
+    def _secret(self, name: str) -> str:
+        """A per-stack random key, kept in the run dir so restarted services agree."""
+        path = self.run_dir / name
         if not path.exists():
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)

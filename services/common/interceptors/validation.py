@@ -49,8 +49,15 @@ class ValidationInterceptor(ScopedServerInterceptor):
 
 
 def violations_of(violations: Iterable[Any]) -> list[tuple[str, str]]:
-    """Turn protovalidate violations into ``(field path, description)`` pairs."""
-    return [(field_path(v.proto.field.elements), v.proto.message) for v in violations]
+    """Turn protovalidate violations into ``(field path, description)`` pairs.
+
+    A message-level rule (a CEL expression over several fields) has no field: its path is
+    empty, which BadRequest reads as "the request as a whole".
+    """
+    return [
+        (field_path(v.proto.field.elements) if v.proto.field is not None else "", v.proto.message)
+        for v in violations
+    ]
 
 
 def field_path(elements: Iterable[Any]) -> str:
