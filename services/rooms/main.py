@@ -1,0 +1,261 @@
+"""Wiring of the rooms process: ``python -m services.rooms.main``.
+
+Start-up (before health turns SERVING): apply the migrations of schema ``rooms``, open the
+pool and Redis, the channels to identity, payments and media, the live event log and hub,
+then start the outbox relay and the sweeper (absent hosts, Spaces never started, peers gone
+too long). Every replica runs the same; the sweeper's SKIP LOCKED keeps them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc.aio
+import redis.asyncio
+from spaces.rooms.v1 import rooms_service_pb2 as pb
+from spaces.rooms.v1 import rooms_service_pb2_grpc as pb_grpc
+
+from services.common.auth import JwksSource, ServiceTokenIssuer
+from services.common.clients import create_channel
+from services.common.db import Pool, create_pool
+from services.common.grants import MediaGrantSettings, MediaGrantSigner, MediaGrantVerifier
+from services.common.jwks_client import IdentityJwksSource
+from services.common.migrations import migrate
+from services.common.outbox import OutboxRelay
+from services.common.redis import create_redis
+from services.common.server import Service, run_service
+from services.common.settings import CommonSettings
+from services.rooms.api import RoomsApi
+from services.rooms.app import Rooms, utcnow
+from services.rooms.clients import (
+    IDENTITY_IDEMPOTENT,
+    MEDIA_IDEMPOTENT,
+    PAYMENTS_IDEMPOTENT,
+    GrpcIdentity,
+    GrpcMedia,
+    GrpcPayments,
+)
+from services.rooms.live import LiveHub, LiveSettings, SpaceEventLog
+from services.rooms.settings import RoomsSettings
+from services.rooms.store import PostgresSpaceStore
+from services.rooms.watching import Watching
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MIGRATIONS", "SCHEMA", "SERVICE_NAME", "RoomsRuntime", "build_service", "main"]
+
+SERVICE_NAME = "rooms"
+SCHEMA = "rooms"
+MIGRATIONS = Path(__file__).parent / "migrations"
+IDEMPOTENCY_TTL = timedelta(days=1)
+
+
+@dataclass
+class _Channels:
+    identity: grpc.aio.Channel
+    payments: grpc.aio.Channel
+    media: grpc.aio.Channel
+
+    async def close(self) -> None:
+        for channel in (self.identity, self.payments, self.media):
+            await channel.close(None)
+
+
+class RoomsRuntime:
+    """What rooms opens at start-up and closes at shut-down.
+
+    :param settings: rooms settings.
+    :param common: shared settings (database, Redis, addresses, internal secret).
+    :param grants: media grant secret and lifetime.
+    :param live: live event settings.
+    """
+
+    def __init__(
+        self,
+        settings: RoomsSettings,
+        common: CommonSettings,
+        grants: MediaGrantSettings,
+        live: LiveSettings,
+    ) -> None:
+        self.settings = settings
+        self.common = common
+        self.grant_settings = grants
+        self.live_settings = live
+        self.api = RoomsApi()
+        self.pool: Pool | None = None
+        self.redis: redis.asyncio.Redis | None = None
+        self.rooms: Rooms | None = None
+        self.event_log: SpaceEventLog | None = None
+        self.hub: LiveHub | None = None
+        self._channels: _Channels | None = None
+        self._relay: OutboxRelay | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _link_key(self) -> bytes:
+        if self.settings.join_link_secret is not None:
+            return self.settings.join_link_secret.get_secret_value().encode()
+        if self.common.internal_secret is None:
+            raise RuntimeError("rooms needs ROOMS_JOIN_LINK_SECRET or SPACES_INTERNAL_SECRET")
+        # Derived, so one secret fewer to manage; a different purpose than service tokens.
+        base = self.common.internal_secret.get_secret_value().encode()
+        return hashlib.sha256(b"rooms-join-links:" + base).digest()
+
+    async def start(self) -> None:
+        """Open everything; raises when a dependency cannot be reached."""
+        url = self.common.database_url
+        if not url:
+            raise RuntimeError("rooms needs SPACES_DATABASE_URL")
+        if self.grant_settings.secret is None:
+            raise RuntimeError("rooms needs SPACES_MEDIA_GRANT_SECRET to issue media grants")
+        if self.common.internal_secret is None:
+            raise RuntimeError("rooms needs SPACES_INTERNAL_SECRET to call other services")
+        applied = await migrate(url, SCHEMA, MIGRATIONS)
+        if applied:
+            logger.info("applied %d migrations to schema %s", len(applied), SCHEMA)
+        self.pool = await create_pool(
+            url,
+            SCHEMA,
+            min_size=self.settings.db_pool_min_size,
+            max_size=self.settings.db_pool_max_size,
+        )
+        self.redis = create_redis(self.common.redis_url)
+        await self.redis.ping()
+        issuer = ServiceTokenIssuer(SERVICE_NAME, self.common.internal_secret)
+        self._channels = _Channels(
+            identity=create_channel(
+                self.common.identity_addr,
+                idempotent_methods=IDENTITY_IDEMPOTENT,
+                token_issuer=issuer,
+            ),
+            payments=create_channel(
+                self.common.payments_addr,
+                idempotent_methods=PAYMENTS_IDEMPOTENT,
+                token_issuer=issuer,
+            ),
+            media=create_channel(
+                self.common.media_addr,
+                idempotent_methods=MEDIA_IDEMPOTENT,
+                token_issuer=issuer,
+            ),
+        )
+        self.event_log = SpaceEventLog(self.pool, self.redis, self.live_settings, conninfo=url)
+        await self.event_log.start()
+        self.hub = LiveHub(self.pool, self.redis, self.live_settings, event_log=self.event_log)
+        await self.hub.start()
+        secret = self.grant_settings.secret
+        store = PostgresSpaceStore(self.pool)
+        self.rooms = Rooms(
+            store=store,
+            events=self.event_log,
+            identity=GrpcIdentity(self._channels.identity, issuer),
+            payments=GrpcPayments(self._channels.payments),
+            media=GrpcMedia(self._channels.media),
+            grants=MediaGrantSigner(secret, ttl=timedelta(seconds=self.grant_settings.ttl_s)),
+            redis=self.redis,
+            settings=self.settings,
+            link_key=self._link_key(),
+        )
+        watching = Watching(store, self.hub, MediaGrantVerifier(secret))
+        self.api.attach(self.rooms, watching)
+        self._relay = OutboxRelay(url, SCHEMA, self.redis, SERVICE_NAME)
+        self._relay.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="rooms sweeper")
+
+    async def stop(self) -> None:
+        """Close what :meth:`start` opened, in reverse order (also after a partial start)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
+        if self.rooms is not None:
+            await self.rooms.aclose()
+        if self.hub is not None:
+            await self.hub.stop()
+            self.hub = None
+        if self.event_log is not None:
+            await self.event_log.stop()
+            self.event_log = None
+        if self._channels is not None:
+            await self._channels.close()
+            self._channels = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def _sweep_forever(self) -> None:
+        last_purge = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                if self.rooms is not None:
+                    await self.rooms.sweep()
+                if self.pool is not None and loop.time() - last_purge > 3600:
+                    last_purge = loop.time()
+                    store = PostgresSpaceStore(self.pool)
+                    async with store.transaction() as tx:
+                        await tx.purge_idempotency(utcnow() - IDEMPOTENCY_TTL)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("sweeping failed; will try again")
+
+
+def build_service(
+    settings: RoomsSettings,
+    common: CommonSettings,
+    *,
+    grants: MediaGrantSettings | None = None,
+    live: LiveSettings | None = None,
+    jwks: JwksSource | None = None,
+) -> tuple[Service, RoomsRuntime]:
+    """Build the rooms server (not started) and the runtime its hooks open and close.
+
+    :param jwks: identity's public keys; fetched from identity over gRPC by default.
+    """
+    runtime = RoomsRuntime(settings, common, grants or MediaGrantSettings(), live or LiveSettings())
+    source: JwksSource
+    if jwks is None:
+        identity_keys = IdentityJwksSource.connect(common.identity_addr)
+        source = identity_keys
+    else:
+        source = jwks
+    service = Service(SERVICE_NAME, settings, common, jwks=source)
+    service.add_servicer(
+        pb.DESCRIPTOR.services_by_name["RoomsService"],
+        runtime.api,
+        pb_grpc.add_RoomsServiceServicer_to_server,
+    )
+    service.on_startup(runtime.start)
+    service.on_shutdown(runtime.stop)
+    if jwks is None:
+        service.on_shutdown(identity_keys.close)
+    return service, runtime
+
+
+def main() -> None:
+    """Run rooms until SIGTERM/SIGINT."""
+
+    async def run() -> None:
+        # Built inside the loop: the JWKS source opens a grpc.aio channel to identity.
+        service, _ = build_service(RoomsSettings(), CommonSettings())
+        await run_service(service)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Signed tokens rooms hands out: join links and page tokens.
+
+Both are ``<base64url payload>.<base64url HMAC-SHA256>`` with a key every replica shares,
+so any replica can check what another issued, and nobody can forge or alter one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JoinLinks", "PageTokens"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _Signer:
+    def __init__(self, key: bytes, purpose: str) -> None:
+        # One key, separate sub-keys per purpose: a page token never passes as a join link.
+        self._key = hmac.new(key, purpose.encode(), hashlib.sha256).digest()
+
+    def sign(self, payload: dict[str, Any]) -> str:
+        body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
+        mac = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+        return f"{body}.{_b64(mac)}"
+
+    def open(self, token: str) -> dict[str, Any] | None:
+        body, _, mac = token.partition(".")
+        if not body or not mac:
+            return None
+        expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+        try:
+            if not hmac.compare_digest(expected, _unb64(mac)):
+                return None
+            payload = json.loads(_unb64(body))
+        except (binascii.Error, ValueError):
+            return None
+        return payload if isinstance(payload, dict) else None
+
+
+class JoinLinks:
+    """Issues and checks join links.
+
+    :param key: the shared secret.
+    :param base_uri: the shareable URL's base.
+    """
+
+    def __init__(self, key: bytes, base_uri: str) -> None:
+        self._signer = _Signer(key, "join-link")
+        self._base_uri = base_uri
+
+    def issue(self, space_id: str, ttl: timedelta, now: datetime) -> tuple[str, str, datetime]:
+        """Return (token, uri, expire_time)."""
+        expires = now + ttl
+        token = self._signer.sign({"s": space_id, "e": int(expires.timestamp())})
+        return (
+            token,
+            f"{self._base_uri}?token={token}",
+            datetime.fromtimestamp(int(expires.timestamp()), UTC),
+        )
+
+    def check(self, token: str, space_id: str, now: datetime) -> None:
+        """Accept a link for ``space_id``.
+
+        :raises InvalidArgument: JOIN_LINK_INVALID (malformed, forged, other Space).
+        :raises FailedPrecondition: JOIN_LINK_EXPIRED.
+        """
+        payload = self._signer.open(token)
+        if payload is None or payload.get("s") != space_id or not isinstance(payload.get("e"), int):
+            raise InvalidArgument("the join link is not valid", reason="JOIN_LINK_INVALID")
+        if payload["e"] <= now.timestamp():
+            raise FailedPrecondition("the join link expired", reason="JOIN_LINK_EXPIRED")
+
+
+class PageTokens:
+    """Opaque page tokens bound to their query.
+
+    :param key: the shared secret.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._signer = _Signer(key, "page-token")
+
+    def issue(self, query: str, offset: int, now: datetime) -> str:
+        """A token for the page starting at ``offset`` of ``query``."""
+        return self._signer.sign({"q": query, "o": offset, "t": int(now.timestamp())})
+
+    def offset(self, token: str, query: str, now: datetime, max_age: timedelta | None) -> int:
+        """The offset a token names (0 for no token).
+
+        :raises InvalidArgument: PAGE_TOKEN_INVALID (malformed, other query, too old).
+        """
+        if not token:
+            return 0
+        payload = self._signer.open(token)
+        if (
+            payload is None
+            or payload.get("q") != query
+            or not isinstance(payload.get("o"), int)
+            or payload["o"] < 0
+            or (
+                max_age is not None
+                and now.timestamp() - payload.get("t", 0) > max_age.total_seconds()
+            )
+        ):
+            raise InvalidArgument("page_token is not valid here", reason="PAGE_TOKEN_INVALID")
+        return int(payload["o"])
