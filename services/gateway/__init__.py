@@ -1,0 +1,1 @@
+"""The HTTP/JSON + WebSocket gateway: routes derived from ``google.api.http`` rules."""

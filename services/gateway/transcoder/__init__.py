@@ -1,0 +1,1 @@
+"""Calling the gRPC backends generically, by method descriptor."""

@@ -1,0 +1,78 @@
+"""A gateway in front of the echo backend double, served by uvicorn on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from services.common.auth import StaticJwksSource, TokenVerifier
+from services.gateway.app import GatewayConfig, create_app
+from services.gateway.clients import ClientIdentifier
+from services.gateway.descriptors import load_api
+from services.gateway.ratelimit import MemoryRateLimiter, RateLimiter, RateLimitGate
+from services.gateway.transcoder.backend import Backend, BackendRouter
+from tests.helpers.tokens import SigningKey, jwks
+from tests.integration.gateway.double import EchoBackend, start_double
+
+SERVICES = ("identity", "rooms", "media", "notify", "payments")
+
+
+@asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free port; yield its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@dataclass
+class GatewayUnderTest:
+    url: str
+    double: EchoBackend
+    client: httpx.AsyncClient
+    router: BackendRouter
+
+
+@asynccontextmanager
+async def gateway_with_double(
+    signing_key: SigningKey,
+    *,
+    config: GatewayConfig | None = None,
+    limiter: RateLimiter | None = None,
+) -> AsyncIterator[GatewayUnderTest]:
+    server, double, port = await start_double()
+    router = BackendRouter({name: f"127.0.0.1:{port}" for name in SERVICES})
+    backend = Backend(router)
+    verifier = TokenVerifier(StaticJwksSource(jwks(signing_key)), None)
+    gate = RateLimitGate(
+        limiter or MemoryRateLimiter(10_000, 10_000), ClientIdentifier(verifier), "test limit"
+    )
+    app = create_app(load_api(), backend, gate, config or GatewayConfig())
+    try:
+        async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield GatewayUnderTest(url, double, client, router)
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture(scope="module")
+async def gw(signing_key: SigningKey) -> AsyncIterator[GatewayUnderTest]:
+    async with gateway_with_double(signing_key) as running:
+        yield running
