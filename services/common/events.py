@@ -25,6 +25,7 @@ from opentelemetry import propagate, trace
 from redis.exceptions import ResponseError
 
 from services.common import context
+from services.common.tasks import reraise_if_cancelling, stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ class StreamConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 logger.exception("reading %s failed; retrying", self._stream)
                 self._group_ready = False
                 await asyncio.sleep(1.0)
@@ -234,6 +236,5 @@ class StreamConsumer:
     async def stop(self) -> None:
         """Cancel the background task and wait for it."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_tasks([self._task])
             self._task = None

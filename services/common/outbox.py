@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 
 from services.common.db import schema_identifier
 from services.common.events import stream_name
+from services.common.tasks import reraise_if_cancelling, stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ class OutboxRelay:
     async def stop(self) -> None:
         """Cancel the relay and wait for it; rows in flight are re-sent by the next relay."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_tasks([self._task])
             self._task = None
 
     async def run(self) -> None:
@@ -149,6 +149,7 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 logger.exception("outbox relay for %s failed; restarting", self._schema)
                 await asyncio.sleep(self._retry_interval_s)
 

@@ -9,7 +9,6 @@ too long). Every replica runs the same; the sweeper's SKIP LOCKED keeps them apa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from services.common.outbox import OutboxRelay
 from services.common.redis import create_redis
 from services.common.server import Service, run_service
 from services.common.settings import CommonSettings
+from services.common.tasks import reraise_if_cancelling, stop_tasks
 from services.rooms.api import RoomsApi
 from services.rooms.app import Rooms, utcnow
 from services.rooms.clients import (
@@ -170,9 +170,7 @@ class RoomsRuntime:
     async def stop(self) -> None:
         """Close what :meth:`start` opened, in reverse order (also after a partial start)."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await stop_tasks([self._sweeper])
             self._sweeper = None
         if self._relay is not None:
             await self._relay.stop()
@@ -211,6 +209,7 @@ class RoomsRuntime:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 logger.exception("sweeping failed; will try again")
 
 

@@ -26,6 +26,7 @@ from services.common.auth import Principal
 from services.common.context import optional_principal
 from services.common.db import Pool
 from services.common.errors import Unavailable
+from services.common.tasks import reraise_if_cancelling, stop_tasks
 from services.rooms.live.codec import EncodedEvent, assemble, stream_key
 from services.rooms.live.feed import SpaceFeed
 from services.rooms.live.log import SpaceEventLog, resume_tokens
@@ -106,9 +107,7 @@ class LiveHub:
             feed.close()
             WATCHED_SPACES.dec()
         self._feeds.clear()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         self._tasks = []
         try:
             await self._redis.delete(self._control_key)
@@ -247,6 +246,7 @@ class LiveHub:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 logger.exception("reading live streams failed; retrying")
                 await asyncio.sleep(_RETRY_S)
                 continue
@@ -288,6 +288,7 @@ class LiveHub:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 logger.exception("checking watched Spaces' last events failed")
                 continue
             for space_id, last_seq in last.items():

@@ -19,6 +19,7 @@ from psycopg import AsyncConnection
 from spaces.rooms.v1 import rooms_events_pb2, rooms_resources_pb2
 
 from services.common.db import Pool
+from services.common.tasks import reraise_if_cancelling, stop_tasks
 from services.rooms.live.coalesce import ReactionCoalescer, SpeakingLevelsCoalescer
 from services.rooms.live.codec import EPHEMERAL_KINDS, event_kind, split_body, utc_now
 from services.rooms.live.metrics import APPENDED
@@ -92,8 +93,7 @@ class SpaceEventLog:
         await self._reactions.flush()
         await self._levels.flush()
         if self._pruner is not None:
-            self._pruner.cancel()
-            await asyncio.gather(self._pruner, return_exceptions=True)
+            await stop_tasks([self._pruner])
             self._pruner = None
         # Give the last commits' notifications a moment to arrive before closing.
         await asyncio.sleep(0.05)
@@ -178,4 +178,5 @@ class SpaceEventLog:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 logger.exception("pruning live events failed")

@@ -27,6 +27,7 @@ from datetime import datetime
 import redis.asyncio
 from psycopg import AsyncConnection, sql
 
+from services.common.tasks import reraise_if_cancelling, stop_tasks
 from services.rooms.live.codec import assemble, stream_key
 from services.rooms.live.metrics import PUBLISH_FAILURES
 from services.rooms.live.settings import LiveSettings
@@ -123,9 +124,7 @@ class CommitPublisher:
                 await self._publish(self._take_ready())
             except Exception:
                 logger.exception("publishing the last live events failed")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     async def _listen_forever(self) -> None:
@@ -139,6 +138,7 @@ class CommitPublisher:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                reraise_if_cancelling()
                 # Commits announced meanwhile are recovered by the hubs' periodic check.
                 logger.exception("live commit listener failed; reconnecting")
                 await asyncio.sleep(_RECONNECT_S)
@@ -180,6 +180,7 @@ class CommitPublisher:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    reraise_if_cancelling()
                     # Best effort: watchers get these from PostgreSQL after the next check.
                     logger.exception("publishing %d live events failed", len(ready))
                     PUBLISH_FAILURES.inc(len(ready))
