@@ -164,7 +164,9 @@ class OutboxRelay:
         logger.info("outbox relay for %s is active", self._schema)
         while True:
             while await self.relay_batch(conn) >= self._batch_size:
-                pass
+                reraise_if_cancelling()
+            # redis-py's pipeline can swallow a cancel and return normally: look again.
+            reraise_if_cancelling()
             # Sleep until a commit announces new rows, or the poll interval passes (a
             # notification can be missed while the connection was busy).
             async for _ in conn.notifies(timeout=self._poll_interval_s, stop_after=1):

@@ -15,7 +15,10 @@ from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["reraise_if_cancelling", "stop_tasks"]
+__all__ = ["RECANCEL_INTERVAL_S", "reraise_if_cancelling", "stop_tasks"]
+
+#: How often :func:`stop_tasks` repeats a cancel that a task swallowed.
+RECANCEL_INTERVAL_S = 0.5
 
 
 def reraise_if_cancelling() -> None:
@@ -32,17 +35,19 @@ def reraise_if_cancelling() -> None:
 async def stop_tasks(tasks: Iterable[asyncio.Task[object]], timeout_s: float = 5.0) -> None:
     """Cancel ``tasks`` and wait until they end, at most ``timeout_s``.
 
-    A task that has not ended by then is logged and left behind rather than hanging the
-    shutdown of the whole process.
+    A task may swallow a cancel (inside a library) and carry on; it is cancelled again
+    every :data:`RECANCEL_INTERVAL_S` until it ends. One that has not ended by the deadline
+    is logged and left behind rather than hanging the shutdown of the whole process.
     """
     pending = {task for task in tasks if not task.done()}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while pending:
+        for task in pending:
+            task.cancel()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_INTERVAL_S, remaining))
     for task in pending:
-        task.cancel()
-    if not pending:
-        return
-    done, still_running = await asyncio.wait(pending, timeout=timeout_s)
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            logger.debug("task %s ended with an error while stopping", task.get_name())
-    for task in still_running:
         logger.warning("task %s did not stop within %.1f s", task.get_name(), timeout_s)

@@ -335,10 +335,10 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         domain.check_not_self(caller, target, reason="CANNOT_FOLLOW_SELF", what="follow")
         check = functools.partial(domain.check_follow, max_following=self._settings.max_following)
         try:
-            await self._store.follow(caller, target, self._clock(), check)
+            change = await self._store.follow(caller, target, self._clock(), check)
         except UnknownUser as error:
             raise domain.user_not_found(error.user_id) from None
-        return pb.FollowUserResponse(relationship=await self._relationship(caller, target))
+        return pb.FollowUserResponse(relationship=_relationship_pb(caller, target, change.edges))
 
     async def UnfollowUser(
         self, request: pb.UnfollowUserRequest, context: Context
@@ -346,10 +346,10 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         caller, target = self._caller_and_target(request.name)
         domain.check_not_self(caller, target, reason="CANNOT_FOLLOW_SELF", what="unfollow")
         try:
-            await self._store.unfollow(caller, target, self._clock())
+            change = await self._store.unfollow(caller, target, self._clock())
         except UnknownUser as error:
             raise domain.user_not_found(error.user_id) from None
-        return pb.UnfollowUserResponse(relationship=await self._relationship(caller, target))
+        return pb.UnfollowUserResponse(relationship=_relationship_pb(caller, target, change.edges))
 
     async def ListFollowers(
         self, request: pb.ListFollowersRequest, context: Context
@@ -418,11 +418,12 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         caller, target = self._caller_and_target(request.name)
         domain.check_not_self(caller, target, reason="CANNOT_BLOCK_SELF", what="block")
         try:
-            if await self._store.block(caller, target, self._clock()):
-                logger.info("user %s blocked user %s", caller, target)
+            change = await self._store.block(caller, target, self._clock())
         except UnknownUser as error:
             raise domain.user_not_found(error.user_id) from None
-        return pb.BlockUserResponse(relationship=await self._relationship(caller, target))
+        if change.changed:
+            logger.info("user %s blocked user %s", caller, target)
+        return pb.BlockUserResponse(relationship=_relationship_pb(caller, target, change.edges))
 
     async def UnblockUser(
         self, request: pb.UnblockUserRequest, context: Context
@@ -430,10 +431,10 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
         caller, target = self._caller_and_target(request.name)
         domain.check_not_self(caller, target, reason="CANNOT_BLOCK_SELF", what="unblock")
         try:
-            await self._store.unblock(caller, target, self._clock())
+            change = await self._store.unblock(caller, target, self._clock())
         except UnknownUser as error:
             raise domain.user_not_found(error.user_id) from None
-        return pb.UnblockUserResponse(relationship=await self._relationship(caller, target))
+        return pb.UnblockUserResponse(relationship=_relationship_pb(caller, target, change.edges))
 
     async def ListBlockedUsers(
         self, request: pb.ListBlockedUsersRequest, context: Context
@@ -503,14 +504,7 @@ class IdentityApi(pb_grpc.IdentityServiceServicer):
 
     async def _relationship(self, subject: str, other: str) -> resources_pb.Relationship:
         edges = Edges() if subject == other else await self._store.edges(subject, other)
-        return resources_pb.Relationship(
-            name=domain.relationship_name(subject, other),
-            other_user=domain.user_name(other),
-            following=edges.following,
-            followed_by=edges.followed_by,
-            blocking=edges.blocking,
-            blocked_by=edges.blocked_by,
-        )
+        return _relationship_pb(subject, other, edges)
 
 
 def _resolve(name: str, field: str = "name") -> str:
@@ -556,6 +550,17 @@ def _user_pb(user: User) -> resources_pb.User:
         following_count=user.following_count,
         create_time=_timestamp(user.create_time),
         update_time=_timestamp(user.update_time),
+    )
+
+
+def _relationship_pb(subject: str, other: str, edges: Edges) -> resources_pb.Relationship:
+    return resources_pb.Relationship(
+        name=domain.relationship_name(subject, other),
+        other_user=domain.user_name(other),
+        following=edges.following,
+        followed_by=edges.followed_by,
+        blocking=edges.blocking,
+        blocked_by=edges.blocked_by,
     )
 
 

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Credentials",
+    "EdgeChange",
     "HandleTaken",
     "IdentityStore",
     "LogoutResult",
@@ -67,6 +68,19 @@ class RefreshOutcome:
     user_id: str | None = None
     family_id: uuid.UUID | None = None
     expire_time: dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeChange:
+    """What a follow or block write did.
+
+    :ivar changed: whether an edge was added or removed (False for a repeated call).
+    :ivar edges: the edges between the two users afterwards, from the caller's side, read
+        in the same transaction (so the answer needs no second round trip).
+    """
+
+    changed: bool
+    edges: Edges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,16 +184,15 @@ class IdentityStore(Protocol):
         followee_id: str,
         now: dt.datetime,
         check: Callable[[FollowState], None],
-    ) -> bool:
+    ) -> EdgeChange:
         """Add the edge unless present, after ``check`` approved it under the locks.
 
-        :return: whether a new edge was made.
         :raises UnknownUser: either user does not exist.
         """
         ...
 
-    async def unfollow(self, follower_id: str, followee_id: str, now: dt.datetime) -> bool:
-        """Remove the edge if present; return whether it was.
+    async def unfollow(self, follower_id: str, followee_id: str, now: dt.datetime) -> EdgeChange:
+        """Remove the edge if present.
 
         :raises UnknownUser: either user does not exist.
         """
@@ -222,15 +235,15 @@ class IdentityStore(Protocol):
         """Batches of followed ids, oldest follow first, each with its last position."""
         ...
 
-    async def block(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> bool:
-        """Add the block and remove follows both ways; return whether the block is new.
+    async def block(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> EdgeChange:
+        """Add the block and remove follows both ways.
 
         :raises UnknownUser: either user does not exist.
         """
         ...
 
-    async def unblock(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> bool:
-        """Remove the block; return whether there was one.
+    async def unblock(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> EdgeChange:
+        """Remove the block.
 
         :raises UnknownUser: either user does not exist.
         """
@@ -419,7 +432,7 @@ class PostgresIdentityStore:
         followee_id: str,
         now: dt.datetime,
         check: Callable[[FollowState], None],
-    ) -> bool:
+    ) -> EdgeChange:
         async with self._pool.connection() as conn, conn.transaction():
             await _lock_users(conn, follower_id, followee_id)
             cur = await conn.execute(
@@ -430,28 +443,26 @@ class PostgresIdentityStore:
             assert row is not None
             state = FollowState(Edges(*row[:4]), following_count=row[4])
             check(state)
+            after = dataclasses.replace(state.edges, following=True)
             if state.edges.following:
-                return False
+                return EdgeChange(False, after)
             await conn.execute(
                 "INSERT INTO follows (followee_id, follower_id, create_time) VALUES (%s, %s, %s)",
                 (followee_id, follower_id, now),
             )
             await _adjust_counts(conn, follower_id, followee_id, +1)
             await _append(conn, domain.user_followed(follower_id, followee_id, now))
-            return True
+            return EdgeChange(True, after)
 
-    async def unfollow(self, follower_id: str, followee_id: str, now: dt.datetime) -> bool:
+    async def unfollow(self, follower_id: str, followee_id: str, now: dt.datetime) -> EdgeChange:
         async with self._pool.connection() as conn, conn.transaction():
             await _lock_users(conn, follower_id, followee_id)
             removed = await _delete_edges(conn, [(follower_id, followee_id)], now)
-            return bool(removed)
+            return EdgeChange(bool(removed), await _read_edges(conn, follower_id, followee_id))
 
     async def edges(self, subject_id: str, other_id: str) -> Edges:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(f"SELECT {_EDGES}", {"a": subject_id, "b": other_id})
-            row = await cur.fetchone()
-        assert row is not None
-        return Edges(*row)
+            return await _read_edges(conn, subject_id, other_id)
 
     async def list_followers(
         self, user_id: str, viewer_id: str | None, before: int | None, limit: int
@@ -554,7 +565,7 @@ class PostgresIdentityStore:
 
     # -- blocks ------------------------------------------------------------------------
 
-    async def block(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> bool:
+    async def block(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> EdgeChange:
         async with self._pool.connection() as conn, conn.transaction():
             await _lock_users(conn, blocker_id, blocked_id)
             cur = await conn.execute(
@@ -562,24 +573,25 @@ class PostgresIdentityStore:
                    ON CONFLICT DO NOTHING""",
                 (blocker_id, blocked_id, now),
             )
-            if cur.rowcount == 0:
-                return False
-            # Blocking cuts the follow edges both ways (each announced as an unfollow).
-            await _delete_edges(conn, [(blocker_id, blocked_id), (blocked_id, blocker_id)], now)
-            await _append(conn, domain.user_blocked(blocker_id, blocked_id, now))
-            return True
+            changed = cur.rowcount > 0
+            if changed:
+                # Blocking cuts the follow edges both ways (each announced as an unfollow).
+                pairs = [(blocker_id, blocked_id), (blocked_id, blocker_id)]
+                await _delete_edges(conn, pairs, now)
+                await _append(conn, domain.user_blocked(blocker_id, blocked_id, now))
+            return EdgeChange(changed, await _read_edges(conn, blocker_id, blocked_id))
 
-    async def unblock(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> bool:
+    async def unblock(self, blocker_id: str, blocked_id: str, now: dt.datetime) -> EdgeChange:
         async with self._pool.connection() as conn, conn.transaction():
             await _lock_users(conn, blocker_id, blocked_id)
             cur = await conn.execute(
                 "DELETE FROM blocks WHERE blocker_id = %s AND blocked_id = %s",
                 (blocker_id, blocked_id),
             )
-            if cur.rowcount == 0:
-                return False
-            await _append(conn, domain.user_unblocked(blocker_id, blocked_id, now))
-            return True
+            changed = cur.rowcount > 0
+            if changed:
+                await _append(conn, domain.user_unblocked(blocker_id, blocked_id, now))
+            return EdgeChange(changed, await _read_edges(conn, blocker_id, blocked_id))
 
     async def blocks_among(
         self, user_id: str, others: Sequence[str]
@@ -733,6 +745,13 @@ class PostgresIdentityStore:
 
 async def _append(conn: psycopg.AsyncConnection[Any], event: Event) -> None:
     await outbox.append(conn, event.event_type, event.key, event.payload)
+
+
+async def _read_edges(conn: psycopg.AsyncConnection[Any], subject_id: str, other_id: str) -> Edges:
+    cur = await conn.execute(f"SELECT {_EDGES}", {"a": subject_id, "b": other_id})
+    row = await cur.fetchone()
+    assert row is not None
+    return Edges(*row)
 
 
 async def _lock_users(conn: psycopg.AsyncConnection[Any], *user_ids: str) -> None:
