@@ -349,16 +349,21 @@ def _stop_process(process: subprocess.Popen[bytes], sig: int, timeout: float) ->
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so both stop the stack the same way."""
+    """Make SIGINT and SIGTERM both stop the stack the same way.
+
+    SIGINT is set explicitly too: a shell that starts ``make up`` in the background makes
+    it ignore SIGINT, and Python then never raises KeyboardInterrupt for Ctrl-C.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> Any:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main() -> int:
