@@ -1,0 +1,158 @@
+"""Every private attribute of aiortc (1.16.0) and aioice (0.13.0) the engine touches.
+
+The media engine keeps aiortc for ICE, DTLS and the RTCP packet formats, but takes RTP
+before aiortc's decoder and sends it around aiortc's per-sender tasks. That needs a few
+of their private attributes; they are all reached through this module, and
+``tests/unit/media/test_aiortc_internals.py`` exercises each accessor against real
+aiortc objects, so an upgrade that renames one fails loudly there (both versions are
+pinned in ``requirements.lock``). pylibsrtp's private binding is in
+:mod:`services.media.srtp_fastpath`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pylibsrtp
+from aioice.candidate import Candidate
+from aioice.ice import CandidatePair, Connection, StunProtocol
+from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "add_local_candidate",
+    "gathering_started",
+    "ice_connection",
+    "intercept_srtp",
+    "mark_gathering",
+    "neutralize",
+    "nominated_pair",
+    "replace_gatherer",
+    "send_rtp",
+    "sender_ssrc",
+    "set_local_ufrag",
+    "set_sender_ssrc",
+    "srtp_sessions",
+]
+
+
+# -- aioice ----------------------------------------------------------------------------
+
+
+def ice_connection(transceiver: RTCRtpTransceiver) -> Connection:
+    """The aioice connection under a transceiver (``RTCIceTransport._connection``)."""
+    connection: Connection = transceiver.receiver.transport.transport._connection
+    return connection
+
+
+def set_local_ufrag(connection: Connection, ufrag: str) -> None:
+    """Replace the connection's ICE username fragment (``Connection._local_username``),
+    before it is written into an answer."""
+    connection._local_username = ufrag
+
+
+def gathering_started(connection: Connection) -> bool:
+    """``Connection._local_candidates_start``."""
+    return bool(connection._local_candidates_start)
+
+
+def mark_gathering(connection: Connection, *, started: bool, ended: bool = False) -> None:
+    """Set ``Connection._local_candidates_start`` / ``_local_candidates_end``, as
+    ``gather_candidates`` does."""
+    connection._local_candidates_start = started
+    connection._local_candidates_end = ended
+
+
+def add_local_candidate(
+    connection: Connection, protocol: StunProtocol | None, candidate: Candidate
+) -> None:
+    """Add a gathered candidate (``Connection._local_candidates``) and, when given, the
+    protocol that serves it (``Connection._protocols``, which pairs are formed from)."""
+    if protocol is not None:
+        connection._protocols.append(protocol)
+    connection._local_candidates.append(candidate)
+
+
+def replace_gatherer(connection: Connection, gather: Callable[[], Awaitable[None]]) -> None:
+    """Make aiortc's ``RTCIceGatherer.gather`` run ``gather`` instead of aioice's
+    ``Connection.gather_candidates`` (an instance attribute shadows the method)."""
+    connection.gather_candidates = gather  # type: ignore[method-assign,assignment]
+
+
+def nominated_pair(connection: Connection) -> CandidatePair | None:
+    """The nominated pair of component 1 (``Connection._nominated``), once ICE completed."""
+    pair: CandidatePair | None = connection._nominated.get(1)
+    return pair
+
+
+# -- aiortc ----------------------------------------------------------------------------
+
+
+def srtp_sessions(
+    dtls: RTCDtlsTransport,
+) -> tuple[pylibsrtp.Session | None, pylibsrtp.Session | None]:
+    """The inbound and outbound SRTP sessions (``_rx_srtp``, ``_tx_srtp``), set when the
+    DTLS handshake completes."""
+    return dtls._rx_srtp, dtls._tx_srtp
+
+
+def intercept_srtp(
+    dtls: RTCDtlsTransport,
+    on_rtp: Callable[[bytes], None],
+    on_rtcp: Callable[[bytes], None],
+) -> None:
+    """Take unprotected RTP and RTCP from aiortc's DTLS transport before its router and
+    receivers (``_handle_rtp_data`` / ``_handle_rtcp_data``), so no decoder ever runs.
+
+    This is the path for packets aioice delivers (before the mux's fast path is set up,
+    or on a TURN-relayed pair)."""
+
+    async def handle_rtp(data: bytes, arrival_time_ms: int = 0) -> None:
+        on_rtp(data)
+
+    async def handle_rtcp(data: bytes) -> None:
+        on_rtcp(data)
+
+    dtls._handle_rtp_data = handle_rtp  # type: ignore[method-assign]
+    dtls._handle_rtcp_data = handle_rtcp  # type: ignore[method-assign]
+
+
+async def send_rtp(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """aiortc's own protect-and-send of RTP or RTCP (``RTCDtlsTransport._send_rtp``)."""
+    await dtls._send_rtp(data)
+
+
+def sender_ssrc(sender: RTCRtpSender) -> int:
+    """The SSRC aiortc announces for a sender (``RTCRtpSender._ssrc``)."""
+    ssrc: int = sender._ssrc
+    return ssrc
+
+
+def set_sender_ssrc(sender: RTCRtpSender, ssrc: int) -> None:
+    """Announce ``ssrc`` for the sender's m-line in the answer (``RTCRtpSender._ssrc``)."""
+    sender._ssrc = ssrc
+
+
+def neutralize(transceiver: RTCRtpTransceiver) -> None:
+    """Keep aiortc from starting the transceiver's media tasks.
+
+    ``RTCPeerConnection`` calls ``sender.send()`` and ``receiver.receive()`` once DTLS is
+    up; they would start a per-sender RTP task (polling every 20 ms without a track), a
+    decoder thread per receiver and RTCP tasks per sender and receiver. The engine
+    forwards and runs RTCP itself, so both become no-ops (instance attributes shadowing
+    the methods; ``stop()`` then has nothing to stop).
+    """
+
+    async def no_send(parameters: Any) -> None:
+        return None
+
+    async def no_receive(parameters: Any) -> None:
+        return None
+
+    sender: RTCRtpSender = transceiver.sender
+    receiver: RTCRtpReceiver = transceiver.receiver
+    sender.send = no_send  # type: ignore[method-assign]
+    receiver.receive = no_receive  # type: ignore[method-assign]

@@ -1,0 +1,575 @@
+"""Batched egress: one SRTP protect and one ``sendmmsg`` slot per listener and packet.
+
+All muxed sessions share the ICE socket of :mod:`services.media.icemux`, so one
+``sendmmsg(2)`` call can carry a packet to hundreds of listeners. For every forwarding
+group an egress worker keeps a :class:`ShardPlan`: per listener a protect buffer, its
+``sockaddr`` and an ``mmsghdr`` pointing at both, laid out once when the listener joins.
+Forwarding a packet to the group is then, per chunk of listeners:
+
+1. copy the shared plaintext into every listener's buffer (one numpy assignment);
+2. ``map(srtp_protect, ...)`` over the listeners' libsrtp contexts (C calls only);
+3. copy the protected lengths into the ``iovec`` lengths (one numpy assignment);
+4. one ``sendmmsg`` (cffi; the GIL is released while the kernel works);
+5. add the chunk to the counters and the latency histogram (weighted by its size).
+
+Workers are threads (``EgressPool(threads=N)``), each owning the listeners assigned to it,
+so a listener's libsrtp context is only ever used by one thread and no lock is taken on
+the per-packet path; cffi releases the GIL inside libsrtp and the kernel, so two workers
+really do run in parallel. ``threads=0`` runs the same code inline (tests, tiny nodes).
+
+Sessions whose ICE pair is not on the mux (a TURN-relayed pair) use a
+:class:`FallbackSender`: aiortc's own protect-and-send, one queue per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cffi  # type: ignore[import-untyped]
+import numpy as np
+import numpy.typing as npt
+import pylibsrtp
+
+from services.media.metrics import (
+    BYTES_SENT,
+    FORWARD_LATENCY,
+    PACKETS_DROPPED,
+    PACKETS_SENT,
+    DropReason,
+)
+from services.media.srtp_fastpath import (
+    SRTP_MAX_TRAILER,
+    ProtectBuffers,
+    srtp_protect,
+    srtp_protect_holding_gil,
+    srtp_session_address,
+    srtp_session_pointer,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_PLAINTEXT",
+    "EgressHandle",
+    "EgressPool",
+    "EgressWorker",
+    "FallbackSender",
+    "ShardPlan",
+    "sockaddr_bytes",
+]
+
+STRIDE = 1536
+"""Bytes per listener buffer: an Ethernet MTU's packet plus libsrtp's largest trailer."""
+MAX_PLAINTEXT = STRIDE - SRTP_MAX_TRAILER
+_SOCKADDR_MAX = 28  # sizeof(struct sockaddr_in6)
+
+_FFI = cffi.FFI()
+_FFI.cdef(
+    """
+    struct iovec { void *iov_base; size_t iov_len; };
+    struct msghdr {
+        void *msg_name; unsigned int msg_namelen;
+        struct iovec *msg_iov; size_t msg_iovlen;
+        void *msg_control; size_t msg_controllen; int msg_flags;
+    };
+    struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
+    int sendmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags);
+    ssize_t sendto(int sockfd, const void *buf, size_t len, int flags,
+                   const void *dest_addr, unsigned int addrlen);
+    """
+)
+_LIBC: Any = _FFI.dlopen(None)
+try:
+    _SENDMMSG: Any = _LIBC.sendmmsg
+except AttributeError:  # pragma: no cover - not Linux
+    _SENDMMSG = None
+_SENDTO: Any = _LIBC.sendto
+
+_FANOUT, _JOIN, _LEAVE, _RTCP, _CALL, _STOP = range(6)
+
+
+def sockaddr_bytes(address: tuple[str, int]) -> bytes:
+    """``struct sockaddr_in`` / ``sockaddr_in6`` of an (IP, port) pair, as the kernel
+    reads it (family in host order, port and address in network order)."""
+    host, port = address[0], address[1]
+    if ":" in host:
+        return struct.pack("=H", socket.AF_INET6) + struct.pack(
+            "!HI16sI", port, 0, socket.inet_pton(socket.AF_INET6, host), 0
+        )
+    return (
+        struct.pack("=H", socket.AF_INET)
+        + struct.pack("!H4s", port, socket.inet_pton(socket.AF_INET, host))
+        + b"\0" * 8
+    )
+
+
+class EgressHandle:
+    """How to reach one listener on the fast path: its SRTP context and its address.
+
+    :param session_id: the session's id (for logs).
+    :param srtp: the session's outbound SRTP session (kept alive by the handle).
+    :param fd: the mux socket's file descriptor.
+    :param address: the listener's (IP, port) of the nominated ICE pair.
+    """
+
+    __slots__ = (
+        "address",
+        "fd",
+        "session_id",
+        "sockaddr",
+        "srtp",
+        "srtp_address",
+        "srtp_ptr",
+        "worker",
+        "_name",
+    )
+
+    def __init__(
+        self, session_id: str, srtp: pylibsrtp.Session, fd: int, address: tuple[str, int]
+    ) -> None:
+        self.session_id = session_id
+        self.srtp = srtp
+        self.srtp_ptr: Any = srtp_session_pointer(srtp)
+        self.srtp_address = srtp_session_address(srtp)
+        self.fd = fd
+        self.address = address
+        self.sockaddr = sockaddr_bytes(address)
+        self._name: Any = _FFI.new("char[]", self.sockaddr)
+        self.worker: EgressWorker | None = None
+
+    def send_rtcp(self, plaintext: bytes) -> None:
+        """Protect and send one RTCP compound packet (call from the owning worker only)."""
+        data = self.srtp.protect_rtcp(plaintext)
+        if _SENDTO(self.fd, data, len(data), 0, self._name, len(self.sockaddr)) < 0:
+            PACKETS_DROPPED.labels(DropReason.SEND_FAILED).inc()
+
+
+class ShardPlan:
+    """The listeners of one forwarding group that one worker serves, laid out for
+    ``sendmmsg``.
+
+    :param fd: the mux socket to send from.
+    :param chunk: listeners per ``sendmmsg`` call (a trade between latency of the first
+        listeners and per-call overhead).
+    :param hold_gil: protect without releasing the GIL (on an egress thread; see
+        :mod:`services.media.srtp_fastpath`).
+    """
+
+    def __init__(self, fd: int, chunk: int, capacity: int = 8, hold_gil: bool = False) -> None:
+        self.fd = fd
+        self.chunk = chunk
+        self.hold_gil = hold_gil
+        self._protect: Any = srtp_protect_holding_gil if hold_gil else srtp_protect
+        self.handles: list[EgressHandle] = []
+        self._index: dict[EgressHandle, int] = {}
+        self._srtp_ptrs: list[Any] = []
+        self._chunks: list[tuple[int, int, list[Any], list[Any], list[Any]]] | None = None
+        self._allocate(capacity)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffers = ProtectBuffers(capacity, STRIDE)
+        self._names: Any = _FFI.new("char[]", capacity * _SOCKADDR_MAX)
+        self._iov: Any = _FFI.new("struct iovec[]", capacity)
+        self._msgs: Any = _FFI.new("struct mmsghdr[]", capacity)
+        self._iov_lengths: npt.NDArray[np.uint64] = np.frombuffer(
+            _FFI.buffer(self._iov), dtype=np.uint64
+        ).reshape(capacity, 2)[:, 1]
+        for i in range(capacity):
+            self._iov[i].iov_base = _FFI.cast("void *", self.buffers.address(i))
+            header = self._msgs[i].msg_hdr
+            header.msg_iov = self._iov + i
+            header.msg_iovlen = 1
+            header.msg_name = self._names + i * _SOCKADDR_MAX
+        for i, handle in enumerate(self.handles):
+            self._place(i, handle)
+
+    def _place(self, index: int, handle: EgressHandle) -> None:
+        _FFI.memmove(self._names + index * _SOCKADDR_MAX, handle.sockaddr, len(handle.sockaddr))
+        self._msgs[index].msg_hdr.msg_namelen = len(handle.sockaddr)
+
+    def add(self, handle: EgressHandle) -> None:
+        """Add a listener (no-op if present)."""
+        if handle in self._index:
+            return
+        if len(self.handles) == self.capacity:
+            self._allocate(self.capacity * 2)
+        index = len(self.handles)
+        self.handles.append(handle)
+        self._srtp_ptrs.append(handle.srtp_address if self.hold_gil else handle.srtp_ptr)
+        self._index[handle] = index
+        self._place(index, handle)
+        self._chunks = None
+
+    def remove(self, handle: EgressHandle) -> None:
+        """Remove a listener (no-op if absent); the last one takes its place."""
+        index = self._index.pop(handle, None)
+        if index is None:
+            return
+        last = self.handles.pop()
+        last_ptr = self._srtp_ptrs.pop()
+        if last is not handle:
+            self.handles[index] = last
+            self._srtp_ptrs[index] = last_ptr
+            self._index[last] = index
+            self._place(index, last)
+        self._chunks = None
+
+    def _layout(self) -> list[tuple[int, int, list[Any], list[Any], list[Any]]]:
+        if self.hold_gil:
+            pointers: list[Any] = self.buffers.addresses
+            lengths: list[Any] = self.buffers.length_addresses
+        else:
+            pointers = self.buffers.pointers
+            lengths = self.buffers.length_pointers
+        count = len(self.handles)
+        self._chunks = [
+            (
+                a,
+                min(a + self.chunk, count),
+                self._srtp_ptrs[a : a + self.chunk],
+                pointers[a : min(a + self.chunk, count)],
+                lengths[a : min(a + self.chunk, count)],
+            )
+            for a in range(0, count, self.chunk)
+        ]
+        return self._chunks
+
+    def fanout(self, packet: bytes, received: float) -> tuple[int, int]:
+        """Protect and send ``packet`` to every listener of the plan.
+
+        :param received: when the publisher's packet arrived (``time.perf_counter()``).
+        :returns: ``(packets sent, bytes sent)``.
+        """
+        size = len(packet)
+        if not self.handles:
+            return 0, 0
+        if size > MAX_PLAINTEXT:
+            PACKETS_DROPPED.labels(DropReason.TOO_LARGE).inc(len(self.handles))
+            return 0, 0
+        chunks = self._chunks if self._chunks is not None else self._layout()
+        source = np.frombuffer(packet, dtype=np.uint8)
+        rows = self.buffers.rows
+        lengths = self.buffers.lengths
+        iov_lengths = self._iov_lengths
+        perf_counter = time.perf_counter
+        observe = FORWARD_LATENCY.observe
+        protect = self._protect
+        sent_total = 0
+        bytes_total = 0
+        for a, b, srtp_ptrs, pointers, length_pointers in chunks:
+            rows[a:b, :size] = source
+            lengths[a:b] = size
+            errors = list(map(protect, srtp_ptrs, pointers, length_pointers))
+            iov_lengths[a:b] = lengths[a:b]
+            if any(errors):
+                sent, nbytes = self._send_skipping(a, b, errors)
+            else:
+                sent = self._send(a, b)
+                # Listeners of one chunk almost always share an SRTP profile (so a
+                # protected length); counting that way spares a sum per chunk.
+                nbytes = sent * int(lengths[a])
+            if sent:
+                observe(perf_counter() - received, sent)
+            sent_total += sent
+            bytes_total += nbytes
+        return sent_total, bytes_total
+
+    def _bytes(self, a: int, b: int) -> int:
+        return int(self.buffers.lengths[a:b].sum())
+
+    def _send(self, a: int, b: int) -> int:
+        """``sendmmsg`` messages ``a`` to ``b``; returns how many left."""
+        if _SENDMMSG is None:  # pragma: no cover - not Linux
+            return self._send_each(a, b)
+        sent = 0
+        offset = a
+        while offset < b:
+            result = _SENDMMSG(self.fd, self._msgs + offset, b - offset, 0)
+            if result > 0:
+                sent += result
+                offset += result
+                continue
+            code = _FFI.errno
+            if code == errno.EINTR:
+                continue
+            if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
+                PACKETS_DROPPED.labels(DropReason.SEND_FAILED).inc(b - offset)
+                break
+            # This message's destination was refused; skip it and go on.
+            PACKETS_DROPPED.labels(DropReason.SEND_FAILED).inc()
+            offset += 1
+        return sent
+
+    def _send_each(self, a: int, b: int) -> int:  # pragma: no cover - not Linux
+        sent = 0
+        for i in range(a, b):
+            header = self._msgs[i].msg_hdr
+            result = _SENDTO(
+                self.fd,
+                self._iov[i].iov_base,
+                self._iov[i].iov_len,
+                0,
+                header.msg_name,
+                header.msg_namelen,
+            )
+            if result >= 0:
+                sent += 1
+            else:
+                PACKETS_DROPPED.labels(DropReason.SEND_FAILED).inc()
+        return sent
+
+    def _send_skipping(self, a: int, b: int, errors: list[int]) -> tuple[int, int]:
+        """Send the messages whose protection succeeded, in runs between failures."""
+        PACKETS_DROPPED.labels(DropReason.SRTP).inc(sum(1 for e in errors if e))
+        sent = 0
+        nbytes = 0
+        run_start: int | None = None
+        for i, error in enumerate([*errors, 1]):
+            if not error and run_start is None:
+                run_start = a + i
+            elif error and run_start is not None:
+                count = self._send(run_start, a + i)
+                sent += count
+                nbytes += self._bytes(run_start, run_start + count)
+                run_start = None
+        return sent, nbytes
+
+
+class EgressWorker:
+    """Owns some listeners' egress state and serves jobs for them in order.
+
+    :param index: the worker's number (thread name).
+    :param chunk: listeners per ``sendmmsg``.
+    :param threaded: run jobs on a thread of its own; otherwise inline in ``submit``.
+    """
+
+    def __init__(self, index: int, chunk: int, threaded: bool) -> None:
+        self.index = index
+        self.chunk = chunk
+        self.load = 0
+        self._plans: dict[int, dict[int, ShardPlan]] = {}
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(
+                target=self._run, name=f"media-egress-{index}", daemon=True
+            )
+            self._thread.start()
+
+    def submit(self, job: tuple[Any, ...]) -> None:
+        """Queue a job (or run it now, when not threaded)."""
+        if self._thread is not None:
+            self._queue.put(job)
+        else:
+            self._process(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job[0] == _STOP:
+                return
+            try:
+                self._process(job)
+            except Exception:
+                logger.exception("egress worker %d failed a job", self.index)
+
+    def _process(self, job: tuple[Any, ...]) -> None:
+        kind = job[0]
+        if kind == _FANOUT:
+            plans = self._plans.get(job[1])
+            if plans:
+                sent = 0
+                nbytes = 0
+                for plan in plans.values():
+                    count, size = plan.fanout(job[2], job[3])
+                    sent += count
+                    nbytes += size
+                if sent:
+                    PACKETS_SENT.inc(sent)
+                    BYTES_SENT.inc(nbytes)
+        elif kind == _JOIN:
+            self._join(job[1], job[2])
+        elif kind == _LEAVE:
+            self._leave(job[1], job[2])
+        elif kind == _RTCP:
+            job[1].send_rtcp(job[2])
+        elif kind == _CALL:
+            job[1]()
+
+    def _join(self, group_id: int, handle: EgressHandle) -> None:
+        plans = self._plans.setdefault(group_id, {})
+        plan = plans.get(handle.fd)
+        if plan is None:
+            plan = plans[handle.fd] = ShardPlan(
+                handle.fd, self.chunk, hold_gil=self._thread is not None
+            )
+        plan.add(handle)
+
+    def _leave(self, group_id: int, handle: EgressHandle) -> None:
+        plans = self._plans.get(group_id, {})
+        plan = plans.get(handle.fd)
+        if plan is not None:
+            plan.remove(handle)
+            if not plan.handles:
+                del plans[handle.fd]
+            if not plans:
+                self._plans.pop(group_id, None)
+
+    def listeners(self) -> int:
+        """Listener slots laid out on this worker (call from the worker, or after
+        :meth:`EgressPool.flush`)."""
+        return sum(len(plan) for plans in self._plans.values() for plan in plans.values())
+
+    def stop(self) -> None:
+        """Finish queued jobs and end the thread."""
+        if self._thread is not None:
+            self._queue.put((_STOP,))
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+class EgressPool:
+    """The egress workers of an engine and which of them serve which group.
+
+    :param threads: worker threads; 0 runs one worker inline.
+    :param chunk: listeners per ``sendmmsg`` call.
+    """
+
+    def __init__(self, threads: int, chunk: int) -> None:
+        self.workers = [
+            EgressWorker(i, chunk, threaded=threads > 0) for i in range(max(1, threads))
+        ]
+        self._group_workers: dict[int, dict[EgressWorker, int]] = {}
+
+    def attach(self, handle: EgressHandle) -> None:
+        """Give a new listener to the least loaded worker (for its whole life)."""
+        worker = min(self.workers, key=lambda w: w.load)
+        worker.load += 1
+        handle.worker = worker
+
+    def detach(self, handle: EgressHandle) -> None:
+        """Forget a listener (after it has left every group)."""
+        if handle.worker is not None:
+            handle.worker.load -= 1
+
+    def join(self, group_id: int, handle: EgressHandle) -> None:
+        """Start forwarding ``group_id``'s packets to the listener."""
+        worker = handle.worker
+        assert worker is not None, "attach() the handle first"
+        counts = self._group_workers.setdefault(group_id, {})
+        counts[worker] = counts.get(worker, 0) + 1
+        worker.submit((_JOIN, group_id, handle))
+
+    def leave(self, group_id: int, handle: EgressHandle) -> None:
+        """Stop forwarding ``group_id``'s packets to the listener."""
+        worker = handle.worker
+        assert worker is not None
+        counts = self._group_workers.get(group_id)
+        if counts is not None and worker in counts:
+            counts[worker] -= 1
+            if counts[worker] <= 0:
+                del counts[worker]
+            if not counts:
+                del self._group_workers[group_id]
+        worker.submit((_LEAVE, group_id, handle))
+
+    def fanout(self, group_id: int, packet: bytes, received: float) -> None:
+        """Forward ``packet`` to every fast-path listener of the group."""
+        workers = self._group_workers.get(group_id)
+        if workers:
+            for worker in workers:
+                worker.submit((_FANOUT, group_id, packet, received))
+
+    def send_rtcp(self, handle: EgressHandle, plaintext: bytes) -> None:
+        """Protect and send RTCP to a listener, on the worker that owns its SRTP."""
+        if handle.worker is not None:
+            handle.worker.submit((_RTCP, handle, plaintext))
+
+    def call_on_workers(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on every worker (its thread), after the jobs queued so far;
+        for diagnostics such as per-thread profiling."""
+        for worker in self.workers:
+            worker.submit((_CALL, function))
+
+    async def flush(self) -> None:
+        """Wait until every job queued so far has been served."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for worker in self.workers:
+            done = loop.create_future()
+
+            def finish(fut: asyncio.Future[None] = done) -> None:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+            worker.submit((_CALL, finish))
+            waits.append(done)
+        await asyncio.gather(*waits)
+
+    def close(self) -> None:
+        """Stop the worker threads (queued jobs are served first)."""
+        for worker in self.workers:
+            worker.stop()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class FallbackSender:
+    """Forwarding to one listener through aiortc's own send path (protect, ICE send).
+
+    Used when the listener's ICE pair is not on the mux (for instance a TURN relay). One
+    bounded queue and one task per such listener keep its packets in order.
+
+    :param send: aiortc's ``RTCDtlsTransport._send_rtp`` of the session.
+    :param limit: packets queued before new ones are dropped.
+    """
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], limit: int = 200) -> None:
+        self._send = send
+        self._queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue(limit)
+        self._task = asyncio.create_task(self._run())
+
+    def push(self, packet: bytes, received: float) -> None:
+        """Queue one RTP or RTCP packet (plaintext)."""
+        try:
+            self._queue.put_nowait((packet, received))
+        except asyncio.QueueFull:
+            PACKETS_DROPPED.labels(DropReason.FALLBACK_BACKLOG).inc()
+
+    async def _run(self) -> None:
+        while True:
+            packet, received = await self._queue.get()
+            try:
+                await self._send(packet)
+            except ConnectionError:
+                PACKETS_DROPPED.labels(DropReason.SEND_FAILED).inc()
+                continue
+            if received > 0:
+                PACKETS_SENT.inc()
+                # The protected length is not visible here: count the plaintext plus the
+                # largest SRTP tag.
+                BYTES_SENT.inc(len(packet) + 16)
+                FORWARD_LATENCY.observe(time.perf_counter() - received)
+
+    async def close(self) -> None:
+        """Stop sending (queued packets are dropped)."""
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass

@@ -1,0 +1,313 @@
+"""One UDP socket for every ICE session of the node (an "ICE mux", as pion's UDPMux).
+
+aioice opens sockets of its own for every connection; an SFU with a thousand listeners
+would then have a thousand sockets and could not batch sends across listeners. Instead,
+each session's aioice :class:`~aioice.ice.Connection` gets a single host candidate whose
+protocol (:class:`MuxedStunProtocol`) sends through the shared socket. Incoming datagrams
+are demultiplexed by source address; an address is learned from the first STUN binding
+request that carries a session's username fragment and passes its message integrity.
+
+Demultiplexed traffic goes where aioice would have sent it: STUN to the session's
+protocol, DTLS to its connection's receive queue (and on to aiortc). SRTP/SRTCP goes to
+the session's ``srtp_handler`` once it has one (after DTLS), skipping aioice's queue and
+aiortc's DTLS task.
+
+The shared socket is also one port to open in a firewall or a Kubernetes Service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import string
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aioice import stun
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+from aioice.ice import Connection, StunProtocol
+
+from services.media import aiortc_internals as internals
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IceMux", "MuxedStunProtocol"]
+
+_UFRAG_ALPHABET = string.ascii_letters + string.digits
+_MAX_ADDRESSES = 8
+_SOCKET_BUFFER = 4 << 20
+_READ_BUDGET = 256
+"""Datagrams read per wake-up before other callbacks get a turn."""
+_MAX_DATAGRAM = 4096
+_SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value
+_SCM_TIMESTAMPNS = _SO_TIMESTAMPNS
+_TIMESPEC = struct.Struct("=qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+SrtpHandler = Callable[[bytes, float], None]
+
+
+class MuxedStunProtocol(StunProtocol):
+    """aioice's per-candidate protocol, sending through the mux's shared socket.
+
+    :param connection: the aioice connection it belongs to.
+    :param mux: the mux that owns the socket.
+    :param candidate: the host candidate it stands for.
+    """
+
+    def __init__(self, connection: Connection, mux: IceMux, candidate: Candidate) -> None:
+        super().__init__(connection)
+        self.mux = mux
+        self.local_candidate = candidate
+        self.srtp_handler: SrtpHandler | None = None
+        self.addresses: set[tuple[str, int]] = set()
+        transport = mux.transport
+        assert transport is not None, "start() the mux first"
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The shared socket closed (the mux is stopping)."""
+        self.receiver.protocol_lost(self)
+
+    async def close(self) -> None:
+        """Leave the mux; the shared socket stays open for the other sessions."""
+        self.mux.unregister(self)
+
+
+class _MuxTransport(asyncio.DatagramTransport):
+    """What aioice's protocols send through: the shared socket, never closed by them."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        try:
+            self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            logger.debug("ICE mux socket full, dropping a datagram to %s", addr)
+        except OSError as exc:
+            logger.debug("ICE mux send to %s failed: %s", addr, exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        return default
+
+    def is_closing(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def close(self) -> None:
+        """Sessions do not close the shared socket (see :meth:`IceMux.close`)."""
+
+    def abort(self) -> None:
+        """Sessions do not close the shared socket (see :meth:`IceMux.close`)."""
+
+
+class IceMux:
+    """The shared ICE socket and the table of sessions on it.
+
+    :param host: the address to bind (and to announce, unless ``announce`` is given).
+    :param port: the UDP port; 0 picks a free one.
+    :param announce: the address written into candidates (e.g. a node's public IP).
+    """
+
+    def __init__(self, host: str, port: int = 0, announce: str | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.announce = announce or host
+        self.transport: asyncio.DatagramTransport | None = None
+        self.fd = -1
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timestamps = False
+        self._by_address: dict[tuple[str, int], MuxedStunProtocol] = {}
+        self._by_ufrag: dict[str, MuxedStunProtocol] = {}
+        self._protocols: set[MuxedStunProtocol] = set()
+
+    async def start(self) -> None:
+        """Bind the socket and start reading it.
+
+        The socket is read with a reader of the mux's own rather than an asyncio
+        datagram transport, which takes one datagram per event-loop iteration: all the
+        node's ICE, DTLS, RTCP and publisher traffic arrives here, and under a burst of
+        joins one datagram per iteration falls behind until ICE consent checks time out.
+        """
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        sock.bind((self.host, self.port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            self._timestamps = True
+        except OSError:  # pragma: no cover - not Linux
+            self._timestamps = False
+        self._sock = sock
+        self.fd = sock.fileno()
+        self.port = sock.getsockname()[1]
+        self.transport = _MuxTransport(sock)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.fd, self._readable)
+        logger.info(
+            "ICE mux listening on %s:%d (announced as %s)", self.host, self.port, self.announce
+        )
+
+    def close(self) -> None:
+        """Close the socket (sessions should be closed first)."""
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self.fd)
+            self._sock.close()
+            self._sock = None
+            self.transport = None
+            self.fd = -1
+            self.lost()
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        # Kernel receive timestamps (CLOCK_REALTIME) are mapped onto perf_counter, so
+        # forwarding latency includes the time a packet waited in the socket.
+        anchor = time.perf_counter()
+        wall = time.time()
+        for _ in range(_READ_BUDGET):
+            try:
+                if self._timestamps:
+                    data, ancillary, _flags, addr = sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)
+                    received = anchor
+                    for level, kind, payload in ancillary:
+                        if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS:
+                            seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                            received = min(anchor, anchor - (wall - seconds - nanoseconds * 1e-9))
+                else:
+                    data, addr = sock.recvfrom(_MAX_DATAGRAM)
+                    received = time.perf_counter()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.debug("ICE mux receive failed: %s", exc)
+                return
+            try:
+                self.dispatch(data, (addr[0], addr[1]), received)
+            except Exception:
+                logger.exception("ICE mux failed to handle a datagram from %s", addr)
+
+    def lost(self) -> None:
+        for protocol in list(self._protocols):
+            protocol.connection_lost(None)
+
+    def new_ufrag(self) -> str:
+        """An ICE username fragment no session on this mux uses."""
+        while True:
+            ufrag = "".join(secrets.choice(_UFRAG_ALPHABET) for _ in range(12))
+            if ufrag not in self._by_ufrag:
+                return ufrag
+
+    def attach(self, connection: Connection) -> None:
+        """Make ``connection`` gather its host candidate on this mux.
+
+        Call before aiortc gathers (``setLocalDescription``). With a TURN server
+        configured, the connection still gathers its relayed candidate the usual way.
+        """
+        internals.set_local_ufrag(connection, self.new_ufrag())
+
+        async def gather() -> None:
+            if internals.gathering_started(connection):
+                return
+            internals.mark_gathering(connection, started=True)
+            candidate = Candidate(
+                foundation=candidate_foundation("host", "udp", self.announce),
+                component=1,
+                transport="udp",
+                priority=candidate_priority(1, "host"),
+                host=self.announce,
+                port=self.port,
+                type="host",
+            )
+            protocol = MuxedStunProtocol(connection, self, candidate)
+            self.register(protocol)
+            internals.add_local_candidate(connection, protocol, candidate)
+            if connection.turn_server is not None:
+                for relayed in await connection.get_component_candidates(1, addresses=[]):
+                    internals.add_local_candidate(connection, None, relayed)
+            internals.mark_gathering(connection, started=True, ended=True)
+
+        internals.replace_gatherer(connection, gather)
+
+    def register(self, protocol: MuxedStunProtocol) -> None:
+        """Accept STUN for the protocol's connection (by its username fragment)."""
+        self._protocols.add(protocol)
+        self._by_ufrag[protocol.receiver.local_username] = protocol
+
+    def unregister(self, protocol: MuxedStunProtocol) -> None:
+        """Forget a protocol and every address learned for it."""
+        self._protocols.discard(protocol)
+        ufrag = protocol.receiver.local_username
+        if self._by_ufrag.get(ufrag) is protocol:
+            del self._by_ufrag[ufrag]
+        for address in protocol.addresses:
+            if self._by_address.get(address) is protocol:
+                del self._by_address[address]
+        protocol.addresses.clear()
+        protocol.srtp_handler = None
+
+    def sessions(self) -> int:
+        """How many connections are registered."""
+        return len(self._protocols)
+
+    def dispatch(self, data: bytes, address: tuple[str, int], received: float = 0.0) -> None:
+        """Route one datagram to the session it belongs to.
+
+        :param received: when it arrived (``time.perf_counter()`` clock); now if 0.
+        """
+        if not data:
+            return
+        protocol = self._by_address.get(address)
+        if protocol is None:
+            protocol = self._learn(data, address)
+            if protocol is None:
+                return
+        first = data[0]
+        if 127 < first < 192:
+            handler = protocol.srtp_handler
+            if handler is not None:
+                handler(data, received or time.perf_counter())
+                return
+        if first < 2:
+            protocol.datagram_received(data, address)
+        else:
+            # DTLS (and SRTP before the session takes it): what aioice does for non-STUN.
+            protocol.receiver.data_received(data, 1)
+
+    def _learn(self, data: bytes, address: tuple[str, int]) -> MuxedStunProtocol | None:
+        """Bind a new source address to a session from an authenticated binding request."""
+        if data[0] >= 2:
+            return None
+        try:
+            message = stun.parse_message(data)
+        except ValueError:
+            return None
+        if message.message_class != stun.Class.REQUEST or "USERNAME" not in message.attributes:
+            return None
+        ufrag = str(message.attributes["USERNAME"]).split(":", 1)[0]
+        protocol = self._by_ufrag.get(ufrag)
+        if protocol is None:
+            return None
+        password = protocol.receiver.local_password.encode("utf8")
+        if not message.check_message_integrity(password):
+            return None
+        if len(protocol.addresses) >= _MAX_ADDRESSES:
+            logger.info("session %s: too many ICE addresses, ignoring %s", ufrag, address)
+            return None
+        protocol.addresses.add(address)
+        self._by_address[address] = protocol
+        return protocol

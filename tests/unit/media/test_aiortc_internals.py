@@ -1,0 +1,240 @@
+"""Every private attribute of aiortc, aioice and pylibsrtp that media touches, exercised on
+real objects: an upgrade that renames or changes one of them fails here, loudly.
+
+The accessors live in ``services.media.aiortc_internals`` (aiortc/aioice) and
+``services.media.srtp_fastpath`` (pylibsrtp); the versions are pinned in
+``requirements.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import aioice
+import aioice.ice
+import aiortc
+import pylibsrtp
+import pytest
+from aioice.candidate import Candidate
+from aioice.ice import CandidatePair, Connection, StunProtocol
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from pylibsrtp import Policy, Session
+
+from services.media import aiortc_internals as internals
+from services.media.icemux import IceMux, MuxedStunProtocol
+from services.media.rtp import build_header, is_rtcp
+from services.media.srtp_fastpath import (
+    SRTP_MAX_TRAILER,
+    SRTP_OK,
+    ProtectBuffers,
+    srtp_protect,
+    srtp_session_pointer,
+)
+
+
+def test_the_pinned_versions_are_installed() -> None:
+    """The internals below were checked against these versions only."""
+    assert aiortc.__version__ == "1.16.0"
+    assert aioice.__version__ == "0.13.0"
+    assert pylibsrtp.__version__ == "1.0.0"
+
+
+@pytest.fixture
+def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+# -- pylibsrtp ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("profile", "key_length"),
+    [
+        (Policy.SRTP_PROFILE_AEAD_AES_256_GCM, 44),
+        (Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 28),
+        (Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 30),
+    ],
+)
+def test_srtp_protect_in_place_matches_pylibsrtp(profile: int, key_length: int) -> None:
+    """``pylibsrtp._binding.lib.srtp_protect`` on ``Session._srtp[0]`` protects exactly
+    as ``Session.protect`` does."""
+    key = os.urandom(key_length)
+
+    def session() -> Session:
+        policy = Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile)
+        policy.allow_repeat_tx = True
+        return Session(policy)
+
+    reference, fast = session(), session()
+    buffers = ProtectBuffers(2, 1536)
+    for seq in range(3):
+        packet = build_header(0, 111, 1000 + seq, 960 * seq, 0x1234) + b"opus" * 20
+        expected = reference.protect(packet)
+        buffers.rows[0, : len(packet)] = list(packet)
+        buffers.lengths[0] = len(packet)
+        status = srtp_protect(
+            srtp_session_pointer(fast), buffers.pointers[0], buffers.length_pointers[0]
+        )
+        assert status == SRTP_OK == 0
+        assert buffers.packet(0) == expected
+    assert SRTP_MAX_TRAILER == pylibsrtp.SRTP_MAX_TRAILER_LEN >= 16
+
+
+# -- aioice ------------------------------------------------------------------------------
+
+
+async def test_connection_private_state_drives_gathering_and_pairing() -> None:
+    """``_local_username``, ``_local_candidates_start/_end``, ``_local_candidates``,
+    ``_protocols`` and ``gather_candidates`` as an instance attribute, as
+    ``IceMux.attach`` uses them; ``_nominated`` after a real ICE exchange."""
+    mux = IceMux("127.0.0.1")
+    await mux.start()
+    ours = Connection(ice_controlling=False)
+    theirs = Connection(ice_controlling=True)
+    try:
+        mux.attach(ours)
+        assert len(ours.local_username) == 12  # internals.set_local_ufrag took effect
+        assert not internals.gathering_started(ours)
+        await ours.gather_candidates()  # replaced by the mux's gatherer
+        assert internals.gathering_started(ours)
+        [candidate] = ours.local_candidates
+        assert (candidate.host, candidate.port, candidate.type) == ("127.0.0.1", mux.port, "host")
+        assert isinstance(ours._protocols[0], MuxedStunProtocol)
+        assert ours._local_candidates_end is True
+
+        theirs_protocol_addresses = ["127.0.0.1"]
+        await _gather_on(theirs, theirs_protocol_addresses)
+        for a, b in ((ours, theirs), (theirs, ours)):
+            a.remote_username = b.local_username
+            a.remote_password = b.local_password
+            for c in b.local_candidates:
+                await a.add_remote_candidate(c)
+            await a.add_remote_candidate(None)
+        await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
+
+        pair = internals.nominated_pair(ours)
+        assert isinstance(pair, CandidatePair)
+        assert isinstance(pair.protocol, MuxedStunProtocol)
+        assert pair.remote_addr == (
+            theirs.local_candidates[0].host,
+            theirs.local_candidates[0].port,
+        )
+        # Data both ways through the mux (DTLS-like first byte: via data_received).
+        await theirs.send(b"\x17hello")
+        assert await asyncio.wait_for(ours.recv(), 5) == b"\x17hello"
+        await ours.send(b"\x17world")
+        assert await asyncio.wait_for(theirs.recv(), 5) == b"\x17world"
+    finally:
+        await ours.close()
+        await theirs.close()
+        mux.close()
+    assert mux.sessions() == 0, "closing the connection left the mux"
+
+
+async def _gather_on(connection: Connection, addresses: list[str]) -> None:
+    """Gather host candidates on given addresses with aioice's own code."""
+    candidates = await connection.get_component_candidates(1, addresses=addresses)
+    internals.mark_gathering(connection, started=True)
+    for candidate in candidates:
+        internals.add_local_candidate(connection, None, candidate)
+    internals.mark_gathering(connection, started=True, ended=True)
+
+
+async def test_get_component_candidates_without_addresses_gathers_nothing() -> None:
+    """The mux gatherer asks aioice for relayed candidates only (no addresses)."""
+    connection = Connection(ice_controlling=False)
+    assert await connection.get_component_candidates(1, addresses=[]) == []
+    await connection.close()
+
+
+def test_stun_protocol_base_is_what_the_mux_protocol_extends() -> None:
+    assert issubclass(MuxedStunProtocol, StunProtocol)
+    for name in ("datagram_received", "send_stun", "send_data", "request"):
+        assert callable(getattr(StunProtocol, name))
+    for name in ("data_received", "protocol_lost", "request_received"):
+        assert callable(getattr(Connection, name))
+    assert "host" in Candidate.__init__.__code__.co_varnames  # the mux builds host candidates
+
+
+# -- aiortc ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pair(loopback: None) -> AsyncIterator[tuple[RTCPeerConnection, RTCPeerConnection]]:
+    """Two aiortc peers: an app (offerer, one sendonly m-line) and a media-like answerer
+    with its transceiver neutralized and its SRTP intercepted."""
+    app, media = RTCPeerConnection(), RTCPeerConnection()
+    yield app, media
+    await app.close()
+    await media.close()
+
+
+async def test_peer_connection_internals(
+    pair: tuple[RTCPeerConnection, RTCPeerConnection],
+) -> None:
+    """``RTCIceTransport._connection`` (and aiortc gathering through the replaced
+    ``gather_candidates``), ``RTCRtpSender._ssrc``, ``send``/``receive`` as instance
+    attributes, ``RTCDtlsTransport._rx_srtp/_tx_srtp``, ``_handle_rtp_data`` /
+    ``_handle_rtcp_data`` and ``_send_rtp``."""
+    app, media = pair
+    app_sender = app.addTransceiver("audio", direction="sendonly")
+    await app.setLocalDescription(await app.createOffer())
+    await media.setRemoteDescription(app.localDescription)
+    [transceiver] = media.getTransceivers()
+
+    connection = internals.ice_connection(transceiver)
+    assert isinstance(connection, Connection)
+    assert connection is transceiver.receiver.transport.transport.iceGatherer._connection
+    mux = IceMux("127.0.0.1")
+    await mux.start()
+    mux.attach(connection)
+
+    internals.set_sender_ssrc(transceiver.sender, 0xCAFE0001)
+    assert internals.sender_ssrc(transceiver.sender) == 0xCAFE0001
+    internals.neutralize(transceiver)
+    transceiver.direction = "sendrecv"
+
+    rtp: list[bytes] = []
+    rtcp: list[bytes] = []
+    dtls = transceiver.receiver.transport
+    internals.intercept_srtp(dtls, rtp.append, rtcp.append)
+    threads_before = {t.name for t in threading.enumerate()}
+
+    await media.setLocalDescription(await media.createAnswer())
+    answer = media.localDescription.sdp
+    assert "a=ssrc:3405643777 " in answer  # 0xCAFE0001
+    assert f"a=ice-ufrag:{connection.local_username}" in answer
+    assert f"127.0.0.1 {mux.port} typ host" in answer, "gathered by the mux"
+    await app.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+    try:
+        for _ in range(200):
+            if dtls.state == "connected" and app.connectionState == "connected":
+                break
+            await asyncio.sleep(0.05)
+        rx, tx = internals.srtp_sessions(dtls)
+        assert isinstance(rx, pylibsrtp.Session) and isinstance(tx, pylibsrtp.Session)
+        pair_ = internals.nominated_pair(connection)
+        assert pair_ is not None and isinstance(pair_.protocol, MuxedStunProtocol)
+
+        # The app's RTP reaches the intercept, unprotected (through aioice and aiortc's
+        # DTLS: the mux has no SRTP handler here); so does its RTCP (a sender report).
+        packet = build_header(0, 96, 7, 960, 0xABCD) + b"\x00" * 40
+        await internals.send_rtp(app_sender.receiver.transport, packet)
+        await internals.send_rtp(dtls, build_header(0, 96, 1, 0, 0xCAFE0001) + b"\x00" * 40)
+        for _ in range(100):
+            if rtp and rtcp:
+                break
+            await asyncio.sleep(0.05)
+        assert rtp and rtp[0] == packet
+        assert rtcp and all(is_rtcp(p) for p in rtcp) and not any(is_rtcp(p) for p in rtp)
+
+        # No decoder thread and no RTP task were started for the neutralized transceiver.
+        new_threads = {t.name for t in threading.enumerate()} - threads_before
+        assert not any("decoder" in name for name in new_threads)
+    finally:
+        await media.close()
+        mux.close()

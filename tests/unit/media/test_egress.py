@@ -1,0 +1,190 @@
+"""Batched egress on real loopback sockets: every listener gets the shared packet, SRTP
+protected with its own keys, through one ``sendmmsg`` per chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import REGISTRY
+from pylibsrtp import Policy, Session
+
+from services.media.egress import (
+    MAX_PLAINTEXT,
+    EgressHandle,
+    EgressPool,
+    ShardPlan,
+    sockaddr_bytes,
+)
+from services.media.metrics import FORWARD_LATENCY
+from services.media.rtp import build_header
+
+GCM256 = (Policy.SRTP_PROFILE_AEAD_AES_256_GCM, 44)
+CM80 = (Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 30)
+
+
+class Listener:
+    """A UDP socket and the SRTP session that decrypts what media sends it."""
+
+    def __init__(self, profile: tuple[int, int] = GCM256, repeat_tx: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(2)
+        key = os.urandom(profile[1])
+        tx = Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND, srtp_profile=profile[0])
+        tx.allow_repeat_tx = repeat_tx
+        rx = Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=profile[0])
+        self.tx = Session(tx)
+        self.rx = Session(rx)
+
+    def handle(self, fd: int) -> EgressHandle:
+        return EgressHandle("s", self.tx, fd, self.sock.getsockname())
+
+    def receive(self) -> bytes:
+        return self.rx.unprotect(self.sock.recv(2048))
+
+    def received_nothing(self) -> bool:
+        readable, _, _ = select.select([self.sock], [], [], 0.05)
+        return not readable
+
+
+@pytest.fixture
+def sender() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def sent_total() -> float:
+    return REGISTRY.get_sample_value("spaces_media_packets_sent_total") or 0
+
+
+def test_sockaddr_encoding() -> None:
+    v4 = sockaddr_bytes(("127.0.0.1", 5000))
+    assert len(v4) == 16 and v4[2:4] == (5000).to_bytes(2, "big") and v4[4:8] == b"\x7f\0\0\1"
+    v6 = sockaddr_bytes(("::1", 5000))
+    assert len(v6) == 28 and v6[2:4] == (5000).to_bytes(2, "big") and v6[23] == 1
+
+
+@pytest.mark.parametrize("profile", [GCM256, CM80], ids=["aes-gcm", "aes-cm"])
+def test_every_listener_decrypts_the_shared_packet(
+    sender: socket.socket, profile: tuple[int, int]
+) -> None:
+    listeners = [Listener(profile) for _ in range(21)]
+    plan = ShardPlan(sender.fileno(), chunk=8, capacity=4)  # grows twice, 3 chunks
+    for listener in listeners:
+        plan.add(listener.handle(sender.fileno()))
+    assert len(plan) == 21 and plan.capacity == 32
+    observed = FORWARD_LATENCY.count()
+    for seq in range(3):
+        packet = build_header(0, 111, 100 + seq, 960 * seq, 0x42) + bytes([seq]) * 60
+        sent, nbytes = plan.fanout(packet, received=0.0)
+        assert sent == 21 and nbytes > 21 * len(packet)
+        for listener in listeners:
+            assert listener.receive() == packet
+    assert FORWARD_LATENCY.count() == observed + 63, "one observation per listener-packet"
+
+
+def test_removing_listeners_keeps_the_others(sender: socket.socket) -> None:
+    listeners = [Listener() for _ in range(5)]
+    handles = [listener.handle(sender.fileno()) for listener in listeners]
+    plan = ShardPlan(sender.fileno(), chunk=2)
+    for handle in handles:
+        plan.add(handle)
+    plan.add(handles[0])  # twice: no-op
+    plan.remove(handles[1])
+    plan.remove(handles[4])
+    plan.remove(handles[4])  # absent: no-op
+    packet = build_header(0, 111, 1, 0, 7) + b"x" * 30
+    assert plan.fanout(packet, 0.0)[0] == 3
+    for i in (0, 2, 3):
+        assert listeners[i].receive() == packet
+    assert listeners[1].received_nothing() and listeners[4].received_nothing()
+
+
+def test_oversized_packets_are_dropped(sender: socket.socket) -> None:
+    listener = Listener()
+    plan = ShardPlan(sender.fileno(), chunk=4)
+    plan.add(listener.handle(sender.fileno()))
+    before = (
+        REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "too_large"})
+        or 0
+    )
+    assert plan.fanout(b"\x80\x6f" + b"\0" * MAX_PLAINTEXT, 0.0) == (0, 0)
+    after = REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "too_large"})
+    assert after == before + 1
+    assert ShardPlan(sender.fileno(), 4).fanout(b"\x80", 0.0) == (0, 0), "no listeners"
+
+
+def test_a_failed_protection_skips_only_that_listener(sender: socket.socket) -> None:
+    # Without allow_repeat_tx, libsrtp refuses to protect the same packet twice.
+    first, strict, last = Listener(), Listener(repeat_tx=False), Listener()
+    plan = ShardPlan(sender.fileno(), chunk=4)
+    for listener in (first, strict, last):
+        plan.add(listener.handle(sender.fileno()))
+    packet = build_header(0, 111, 1, 0, 7) + b"y" * 30
+    assert plan.fanout(packet, 0.0)[0] == 3
+    assert all(listener.receive() == packet for listener in (first, strict, last))
+    failures = (
+        REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"}) or 0
+    )
+    sent, _ = plan.fanout(packet, 0.0)  # the same packet again (a receiver would drop it)
+    assert sent == 2
+    assert first.sock.recv(2048) and last.sock.recv(2048)
+    assert strict.received_nothing()
+    assert (
+        REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"})
+        == failures + 1
+    )
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+async def test_the_pool_serves_groups_rtcp_and_flushes(sender: socket.socket, threads: int) -> None:
+    pool = EgressPool(threads=threads, chunk=4)
+    listeners = [Listener() for _ in range(6)]
+    handles = [listener.handle(sender.fileno()) for listener in listeners]
+    try:
+        for handle in handles:
+            pool.attach(handle)
+        assert sorted(w.load for w in pool.workers) == ([3, 3] if threads == 2 else [6])
+        for handle in handles[:4]:
+            pool.join(1, handle)
+        for handle in handles[4:]:
+            pool.join(2, handle)
+        before = sent_total()
+        packet = build_header(0, 111, 1, 0, 9) + b"z" * 20
+        pool.fanout(1, packet, 0.0)
+        pool.fanout(3, packet, 0.0)  # nobody: nothing happens
+        await pool.flush()
+        assert sent_total() == before + 4
+        for listener in listeners[:4]:
+            assert listener.receive() == packet
+        assert all(listener.received_nothing() for listener in listeners[4:])
+
+        pool.leave(1, handles[0])
+        pool.fanout(1, packet, 0.0)
+        rtcp = b"\x80\xc9\x00\x01\x00\x00\x00\x01"  # an empty RR
+        pool.send_rtcp(handles[5], rtcp)
+        await pool.flush()
+        assert listeners[0].received_nothing()
+        assert listeners[5].rx.unprotect_rtcp(listeners[5].sock.recv(2048)) == rtcp
+        assert sum(w.listeners() for w in pool.workers) == 5
+        for handle in handles:
+            pool.detach(handle)
+        assert all(w.load == 0 for w in pool.workers)
+    finally:
+        pool.close()
+
+
+async def test_flush_returns_with_idle_threaded_workers() -> None:
+    pool = EgressPool(threads=2, chunk=4)
+    try:
+        await asyncio.wait_for(pool.flush(), 2)
+    finally:
+        pool.close()
