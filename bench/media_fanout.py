@@ -813,11 +813,11 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
         await fast.start()
 
         await speaker_proc.connect(args.speakers, True, fast.publish)
+        for speaker in fast.speakers[1:]:
+            fast.engine.update_permissions(fast.space, speaker, may_publish=True, muted=True)
         for step in args.steps:
             await grow(fast, procs, step, args.batch)
-        base = await measure(
-            fast, procs, count, args.speakers, args.warmup, args.seconds, args.repeats
-        )
+        base = await measure(fast, procs, count, 1, args.warmup, args.seconds, args.repeats)
         print(summary_line(base), flush=True)
         out["listeners"] = count
         out["us_per_listener_packet"] = base["us_per_listener_packet"]
@@ -893,32 +893,56 @@ async def run_cprofile(fast: FastSfu, seconds: float) -> dict[str, Any]:
     }
 
 
+PERF_INCLUSIVE = (
+    "__sys_sendmmsg",
+    "net_rx_action",
+    "srtp_protect_mki",
+    "srtp_protect",
+    "_PyEval_EvalFrameDefault",
+    "__libc_recvmsg",
+    "__sys_recvmsg",
+)
+"""Symbols whose inclusive share (with callees) the profile reports."""
+
+
 async def run_perf(perf: str, seconds: float) -> dict[str, Any]:
-    """Sample this process with ``perf`` (while it keeps forwarding) and split the
-    samples by shared object and by symbol."""
+    """Sample this process with ``perf`` (call graphs, while it keeps forwarding) and
+    split the samples by shared object, by symbol, and inclusively for a few symbols
+    (``__sys_sendmmsg`` is the whole send; ``net_rx_action`` the loopback receive path
+    the kernel runs in the sender's context)."""
     data = Path(os.environ.get("TMPDIR", "/tmp")) / f"media_fanout_{os.getpid()}.perf"
     record = await asyncio.create_subprocess_exec(
-        perf, "record", "-q", "-F", "1999", "-p", str(os.getpid()), "-o", str(data),
+        perf, "record", "-q", "-g", "-F", "999", "-p", str(os.getpid()), "-o", str(data),
         "--", "sleep", str(seconds),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     await asyncio.wait_for(record.wait(), seconds + 30)
     out: dict[str, Any] = {}
+    reports = (
+        ("by_object_pct", ["--no-children", "--sort", "dso"]),
+        ("by_symbol_pct", ["--no-children", "--sort", "sym"]),
+        ("inclusive_pct", ["--children", "--sort", "sym"]),
+    )
     try:
-        for key, sort in (("by_object_pct", "dso"), ("by_symbol_pct", "sym")):
+        for key, options in reports:
             report_text = subprocess.run(
-                [perf, "report", "-i", str(data), "--sort", sort, "--stdio", "-q"],
+                [perf, "report", "-i", str(data), *options, "--stdio", "-q", "-g", "none"],
                 check=True,
                 capture_output=True,
                 text=True,
-                timeout=120,
+                timeout=180,
             ).stdout
             shares: dict[str, float] = {}
             for line in report_text.splitlines():
-                parts = line.split(None, 1)
-                if len(parts) == 2 and parts[0].endswith("%"):
-                    shares[parts[1].strip()[:60]] = float(parts[0].rstrip("%"))
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith("%"):
+                    name = parts[-1]
+                    if key == "inclusive_pct":
+                        if name in PERF_INCLUSIVE:
+                            shares[name] = float(parts[0].rstrip("%"))
+                    else:
+                        shares[" ".join(parts[1:])[:60]] = float(parts[0].rstrip("%"))
             out[key] = dict(sorted(shares.items(), key=lambda kv: -kv[1])[:15])
     except (subprocess.SubprocessError, OSError) as exc:
         out["error"] = str(exc)[:200]

@@ -100,6 +100,7 @@ class MediaEngine:
         self._group_ids = itertools.count(1)
         self._watchers: dict[str, set[asyncio.Queue[list[SpeakerLevel]]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._switch_interval: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class MediaEngine:
         await self.mux.start()
         if self.config.egress_threads and self.config.switch_interval is not None:
             if sys.getswitchinterval() > self.config.switch_interval:
+                self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.config.switch_interval)
         self.pool = EgressPool(self.config.egress_threads, self.config.egress_chunk)
         self._task = asyncio.create_task(self._housekeeping(), name="media-housekeeping")
@@ -124,6 +126,9 @@ class MediaEngine:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         self.mux.close()
 
     async def __aenter__(self) -> MediaEngine:

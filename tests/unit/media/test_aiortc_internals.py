@@ -217,6 +217,8 @@ async def test_peer_connection_internals(
             await asyncio.sleep(0.05)
         rx, tx = internals.srtp_sessions(dtls)
         assert isinstance(rx, pylibsrtp.Session) and isinstance(tx, pylibsrtp.Session)
+        # AES-GCM is preferred when both sides offer it (here: the strongest, 256-bit).
+        assert dtls._ssl.get_selected_srtp_profile() == b"SRTP_AEAD_AES_256_GCM"
         pair_ = internals.nominated_pair(connection)
         assert pair_ is not None and isinstance(pair_.protocol, MuxedStunProtocol)
 
