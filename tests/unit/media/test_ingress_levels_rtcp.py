@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from aiortc import clock
 from aiortc.rtp import (
     RtcpPacket,
@@ -99,7 +100,14 @@ def test_the_compound_report_has_an_sr_per_active_slot_and_the_publisher_rr() ->
     assert compound_report(g.lanes[1:], "c", 99, None, now=101.0) is None
 
 
-def test_listener_reports_feed_loss_jitter_and_round_trip_time() -> None:
+def test_listener_reports_feed_loss_jitter_and_round_trip_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Freeze the NTP clock: the round trip is computed from "now", and a loaded machine
+    # must not move it.
+    frozen_ntp = clock.current_ntp_time()
+    monkeypatch.setattr(clock, "current_ntp_time", lambda: frozen_ntp)
+
     def count(name: str) -> float:
         return REGISTRY.get_sample_value(f"spaces_media_{name}_count") or 0
 
@@ -133,7 +141,7 @@ def test_listener_reports_feed_loss_jitter_and_round_trip_time() -> None:
 
     rtt = total("round_trip_time_seconds") - before["round_trip_time_seconds"][1]
     assert count("round_trip_time_seconds") == before["round_trip_time_seconds"][0] + 1
-    assert 0.04 < rtt < 0.2
+    assert abs(rtt - 0.05) < 0.001  # 100 ms since our SR, minus the 50 ms the listener held it
     loss = total("receiver_loss_ratio") - before["receiver_loss_ratio"][1]
     assert loss == 0.25
     jitter = total("receiver_jitter_seconds") - before["receiver_jitter_seconds"][1]
