@@ -64,8 +64,9 @@ from aiortc import (  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
-from services.media import MediaConfig, MediaEngine  # noqa: E402
 from services.media import aiortc_internals as internals  # noqa: E402
+from services.media.config import MediaConfig  # noqa: E402
+from services.media.engine import MediaEngine  # noqa: E402
 from services.media.metrics import FORWARD_LATENCY, LatencySamples  # noqa: E402
 from services.media.rtp import is_rtcp  # noqa: E402
 

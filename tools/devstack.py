@@ -188,8 +188,26 @@ class Stack:
             if http_port:
                 env[f"{spec.env_prefix}HTTP_PORT"] = str(http_port)
             env[f"{spec.env_prefix}METRICS_PORT"] = str(metrics_port)
+        env.update(self._media_environment())
         env.update(self.extra_env)
         return env
+
+    def _media_environment(self) -> dict[str, str]:
+        """One media node on loopback: its registry id, the address the gateway routes its
+        sessions to, a UDP port for ICE, recordings in the run dir, and a short drain."""
+        if "media" not in self._ports:
+            return {}
+        grpc_port = self._ports["media"][0]
+        gateway = self._ports.get("gateway")
+        public = {"ROOMS_MEDIA_PUBLIC_URI": f"http://127.0.0.1:{gateway[2]}"} if gateway else {}
+        return public | {
+            "MEDIA_NODE_ID": "media-1",
+            "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
+            "MEDIA_ICE_HOST": "127.0.0.1",
+            "MEDIA_ICE_PORT": "0" if self.auto_ports else os.environ.get("MEDIA_ICE_PORT", "3478"),
+            "MEDIA_RECORDINGS_DIR": str(self.run_dir / "recordings"),
+            "MEDIA_DRAIN_GRACE_S": os.environ.get("MEDIA_DRAIN_GRACE_S", "10"),
+        }
 
     def _secret(self, name: str) -> str:
         """A per-stack random key, kept in the run dir so restarted services agree."""

@@ -35,11 +35,13 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "error_info",
     "to_rpc_status",
 ]
@@ -158,6 +160,20 @@ class ResourceExhausted(ServiceError):
         super().__init__(message, reason=reason, metadata=metadata, retry_after=retry_after)
         self.quota_subject = quota_subject
         self.quota_description = quota_description or message
+
+
+class OutOfRange(ServiceError):
+    """A position past the end of something that exists, e.g. a read offset (416 at HTTP)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
+class Unimplemented(ServiceError):
+    """The method exists in the API but this server version does not serve it (501)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
 
 
 class Unavailable(ServiceError):

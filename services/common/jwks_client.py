@@ -16,6 +16,7 @@ Typical wiring in a service's ``main.py``::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc.aio
@@ -42,27 +43,46 @@ class IdentityJwksSource:
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, *, timeout_s: float = 5.0, owns_channel: bool = False
+        self,
+        channel: grpc.aio.Channel | Callable[[], grpc.aio.Channel],
+        *,
+        timeout_s: float = 5.0,
+        owns_channel: bool = False,
     ) -> None:
-        self._channel = channel
-        self._stub = identity_grpc.IdentityServiceStub(channel)
+        self._channel: grpc.aio.Channel | None = None
+        self._open: Callable[[], grpc.aio.Channel] | None = None
+        if isinstance(channel, grpc.aio.Channel):
+            self._channel = channel
+        else:
+            self._open = channel
         self._timeout_s = timeout_s
         self._owns_channel = owns_channel
 
     @classmethod
     def connect(cls, target: str, *, timeout_s: float = 5.0) -> IdentityJwksSource:
-        """Open a channel of its own to identity at ``target`` (``host:port``).
+        """A source with a channel of its own to identity at ``target`` (``host:port``).
 
-        GetJwks is read-only, so the channel retries it on UNAVAILABLE (identity
-        restarting), and sends no token: the RPC is public.
+        The channel opens at the first fetch, inside the event loop that serves: a gRPC
+        aio channel belongs to the loop it was created in, and ``main`` builds the service
+        before the loop runs. GetJwks is read-only, so the channel retries it on
+        UNAVAILABLE (identity restarting), and sends no token: the RPC is public.
         """
-        channel = create_channel(
-            target,
-            idempotent_methods=[GET_JWKS_METHOD],
-            identity=CallIdentity.NONE,
-            default_timeout_s=timeout_s,
+        return cls(
+            lambda: create_channel(
+                target,
+                idempotent_methods=[GET_JWKS_METHOD],
+                identity=CallIdentity.NONE,
+                default_timeout_s=timeout_s,
+            ),
+            timeout_s=timeout_s,
+            owns_channel=True,
         )
-        return cls(channel, timeout_s=timeout_s, owns_channel=True)
+
+    def _stub(self) -> identity_grpc.IdentityServiceAsyncStub:
+        if self._channel is None:
+            assert self._open is not None
+            self._channel = self._open()
+        return identity_grpc.IdentityServiceStub(self._channel)
 
     async def get_keys(self) -> dict[str, jwt.PyJWK]:
         """Fetch the published keys by ``kid``; keys this verifier cannot use are skipped.
@@ -73,7 +93,7 @@ class IdentityJwksSource:
         # No token: a public RPC, and a user's token forwarded here could be the very
         # token being verified.
         with call_as(CallIdentity.NONE):
-            response = await self._stub.GetJwks(
+            response = await self._stub().GetJwks(
                 identity_pb.GetJwksRequest(), timeout=self._timeout_s
             )
         keys: dict[str, jwt.PyJWK] = {}
@@ -101,5 +121,6 @@ class IdentityJwksSource:
 
     async def close(self) -> None:
         """Close the channel if this source opened it."""
-        if self._owns_channel:
+        if self._owns_channel and self._channel is not None:
             await self._channel.close(None)
+            self._channel = None

@@ -90,6 +90,7 @@ class Service:
         self._registrations: list[_Registration] = []
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
+        self._drain: list[Hook] = []
         self._readiness = ReadinessInterceptor()
         # grpc_health's stubs describe only the sync servicer; this is the asyncio one.
         self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -117,6 +118,12 @@ class Service:
     def on_startup(self, hook: Hook) -> Hook:
         """Run ``hook`` during start-up, before health turns SERVING (usable as decorator)."""
         self._startup.append(hook)
+        return hook
+
+    def on_drain(self, hook: Hook) -> Hook:
+        """Register a hook run at shutdown after health turns NOT_SERVING but while RPCs are
+        still served (a media node moving its sessions away); it should bound its own time."""
+        self._drain.append(hook)
         return hook
 
     def on_shutdown(self, hook: Hook) -> Hook:
@@ -206,6 +213,11 @@ class Service:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         logger.info("%s shutting down (grace %.1fs)", self.name, grace)
         await self._health.enter_graceful_shutdown()
+        for hook in self._drain:
+            try:
+                await hook()
+            except Exception:
+                logger.exception("a drain hook of %s failed", self.name)
         await self._server.stop(grace)
         for hook in reversed(self._shutdown):
             try:

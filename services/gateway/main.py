@@ -39,6 +39,7 @@ from services.gateway.ratelimit import (
 from services.gateway.routing import http_bindings
 from services.gateway.settings import GatewaySettings
 from services.gateway.transcoder.backend import Backend, BackendRouter, addresses_from_settings
+from services.media.registry import NodeRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,16 @@ def build_gateway(
     closers: list[Callable[[], Awaitable[None]]] = [jwks.close]
     redis_url = rate_limit_redis_url(settings, common)
     if redis_url:
+        redis_client = create_redis(redis_url)
         redis_limiter = RedisRateLimiter(
-            create_redis(redis_url), settings.rate_limit_per_s, settings.rate_limit_burst
+            redis_client, settings.rate_limit_per_s, settings.rate_limit_burst
         )
         closers.append(redis_limiter.close)
         limiter = redis_limiter
+        if router is None:
+            # Media sessions live on one node: route their calls there (media's registry
+            # shares this Redis). Without Redis, node calls go to SPACES_MEDIA_ADDR.
+            backend.router.set_node_resolver(NodeRegistry(redis_client).address_of)
     else:
         limiter = MemoryRateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     gate = RateLimitGate(

@@ -1,7 +1,14 @@
 """Media: the WebRTC audio SFU of Spaces (aiortc for ICE/DTLS, forwarding without decode).
 
-Modules, one concept each:
+Modules, one concept each (the package imports none of them, so that the gateway can read
+the node registry without loading aiortc):
 
+* :mod:`~services.media.main` — the process: wiring, start-up, drain;
+* :mod:`~services.media.api` — the gRPC servicer;
+* :mod:`~services.media.node` — the node in the fleet: registry, placement, grants, drain;
+* :mod:`~services.media.registry` — nodes, Spaces and permissions in Redis;
+* :mod:`~services.media.placement` — the placement rules;
+* :mod:`~services.media.clients` — reports to rooms, recordings' access checks;
 * :mod:`~services.media.engine` — :class:`MediaEngine`, the API the gRPC layer calls;
 * :mod:`~services.media.room` — a Space on this node: sessions, groups, speaker choice;
 * :mod:`~services.media.session` — one participant's session and its permissions gate;
@@ -18,19 +25,3 @@ Modules, one concept each:
 * :mod:`~services.media.metrics` — Prometheus metrics;
 * :mod:`~services.media.aiortc_internals` — every private aiortc/aioice attribute used.
 """
-
-from __future__ import annotations
-
-from services.media.config import IceServer, MediaConfig
-from services.media.engine import EngineStats, MediaEngine, Negotiation, SpaceStats
-from services.media.levels import SpeakerLevel
-
-__all__ = [
-    "EngineStats",
-    "IceServer",
-    "MediaConfig",
-    "MediaEngine",
-    "Negotiation",
-    "SpaceStats",
-    "SpeakerLevel",
-]

@@ -27,7 +27,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
 from services.media.config import MediaConfig
@@ -92,6 +92,9 @@ class MediaEngine:
 
     def __init__(self, config: MediaConfig | None = None) -> None:
         self.config = config or MediaConfig()
+        self.on_session_state: Callable[[Session, bool], None] | None = None
+        """Called with ``(session, True)`` once a session forwards and ``(session, False)``
+        once it has closed (a session that never connected is reported closed only)."""
         self.mux = IceMux(self.config.host, self.config.port, self.config.announce)
         self.pool: EgressPool | None = None
         self._rooms: dict[str, Room] = {}
@@ -164,6 +167,32 @@ class MediaEngine:
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        if self.on_session_state is not None:
+            self.on_session_state(session, False)
+
+    def _report_connected(self, session: Session, connected: asyncio.Future[None]) -> None:
+        if not connected.cancelled() and connected.exception() is None:
+            if self.on_session_state is not None:
+                self.on_session_state(session, True)
+
+    def has_space(self, space: str) -> bool:
+        """Whether this node holds media of the Space (sessions or permissions)."""
+        return space in self._rooms
+
+    def session(self, session_id: str) -> Session | None:
+        """A live (or connecting) session by id."""
+        return self._sessions.get(session_id)
+
+    def participant_sessions(self, space: str, participant: str) -> int:
+        """How many sessions (live or connecting) a participant has here."""
+        room = self._rooms.get(space)
+        if room is None:
+            return 0
+        return sum(1 for s in room.sessions.values() if s.participant == participant)
+
+    def sessions(self) -> list[Session]:
+        """Every session on the node."""
+        return list(self._sessions.values())
 
     def _session(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -196,6 +225,7 @@ class MediaEngine:
         session = Session(session_id, room, participant, layout, permissions)
         room.sessions[session_id] = session
         self._sessions[session_id] = session
+        session.connected.add_done_callback(lambda future: self._report_connected(session, future))
         try:
             answer = await session.peer.answer(sdp_offer)
         except BaseException:

@@ -8,7 +8,8 @@ from contextlib import AsyncExitStack
 import aioice.ice
 import pytest
 
-from services.media import MediaConfig, MediaEngine
+from services.media.config import MediaConfig
+from services.media.engine import MediaEngine
 from tests.integration.media.peers import App, Tone
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from services.media import MediaEngine
+from services.media.engine import MediaEngine
 
 RATE = 48000
 FRAME = 960

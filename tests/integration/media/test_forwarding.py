@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.errors import PermissionDenied
-from services.media import MediaEngine
+from services.media.engine import MediaEngine
 from services.media.peer import Peer
 from tests.integration.media.conftest import AppFactory
 from tests.integration.media.peers import Tone, eventually, heard

@@ -1,0 +1,342 @@
+"""The gRPC servicer of ``spaces.media.v1.MediaService``.
+
+It decodes requests (protovalidate has already checked their rules), checks who calls
+(apps negotiate their own sessions; the internal RPCs are for services, which the auth
+interceptor enforces), and calls :class:`~services.media.node.MediaNode`. Refusals are
+:class:`~services.common.errors.ServiceError` s; the error interceptor maps them.
+
+Relays (``OpenRelay``/``CloseRelay``) are not served yet: a Space lives on its origin node
+and placement sends every participant there, so nothing calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from spaces.media.v1 import media_resources_pb2 as res
+from spaces.media.v1 import media_service_pb2 as pb
+from spaces.media.v1 import media_service_pb2_grpc as pb_grpc
+
+from services.common.auth import Principal
+from services.common.context import current_principal
+from services.common.errors import (
+    FailedPrecondition,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    Unimplemented,
+)
+from services.media.node import MediaNode
+from services.media.registry import NodeInfo, ParticipantPermissions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MediaApi", "NodeRuntime", "SpaceAccess", "node_stats"]
+
+_CHUNK_BYTES = 64 * 1024
+
+
+class SpaceAccess(Protocol):
+    """Whether the calling user may see a Space's recordings."""
+
+    async def check(self, space: str, user_id: str) -> None:
+        """Raise ``NOT_FOUND`` or ``PERMISSION_DENIED`` unless the user may."""
+
+
+class NodeRuntime(Protocol):
+    """Where the servicer finds the node and the access check (built at start-up)."""
+
+    @property
+    def node(self) -> MediaNode:
+        """The started node."""
+
+    @property
+    def access(self) -> SpaceAccess:
+        """The recordings' access check."""
+
+
+def _user(principal: Principal) -> str:
+    if not principal.is_user or principal.user_id is None:
+        raise PermissionDenied("only apps open media sessions", reason="USER_REQUIRED")
+    return principal.user_id
+
+
+def _last(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _participant(name: str) -> tuple[str, str]:
+    """``spaces/{space}/participants/{participant}`` → (space, participant)."""
+    parts = name.split("/")
+    return parts[1], parts[3]
+
+
+def _timestamp(unix: float | None) -> timestamp_pb2.Timestamp | None:
+    if unix is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(unix * 1e9))
+    return stamp
+
+
+def node_stats(node: NodeInfo) -> res.NodeStats:
+    """A registry report as the API's ``NodeStats``."""
+    return res.NodeStats(
+        node=f"mediaNodes/{node.node_id}",
+        endpoint=node.endpoint,
+        state=res.NODE_STATE_DRAINING if node.draining else res.NODE_STATE_SERVING,
+        capacity=node.capacity,
+        load=node.load,
+        publisher_count=node.publishers,
+        listener_count=node.listeners,
+        relay_count=node.relays,
+        spaces=[
+            res.SpaceLoad(
+                space=f"spaces/{share.space}",
+                role=res.NODE_ROLE_ORIGIN if share.origin else res.NODE_ROLE_EDGE,
+                publisher_count=share.publishers,
+                listener_count=share.listeners,
+            )
+            for share in node.spaces
+        ],
+        report_time=_timestamp(node.report_time),
+        drain_deadline_time=_timestamp(node.drain_deadline),
+    )
+
+
+class MediaApi(pb_grpc.MediaServiceServicer):
+    """Implements MediaService over a :class:`MediaNode`.
+
+    :param runtime: holds the node and the access check once the process has started.
+    :param recordings_dir: where recording files are.
+    """
+
+    def __init__(self, runtime: NodeRuntime, recordings_dir: Path) -> None:
+        self._runtime = runtime
+        self._recordings_dir = recordings_dir
+
+    @property
+    def _node(self) -> MediaNode:
+        return self._runtime.node
+
+    @property
+    def _access(self) -> SpaceAccess:
+        return self._runtime.access
+
+    # -- sessions (apps) -------------------------------------------------------------
+
+    async def Negotiate(self, request: pb.NegotiateRequest, context: Any) -> pb.NegotiateResponse:
+        user = _user(current_principal())
+        result, record = await self._node.negotiate(
+            user, request.node, request.grant, request.sdp_offer
+        )
+        return pb.NegotiateResponse(
+            session=f"{self._node.name}/sessions/{result.session}",
+            sdp_answer=result.sdp_answer,
+            ice_servers=[
+                res.IceServer(
+                    urls=list(server.urls),
+                    username=server.username or "",
+                    credential=server.credential or "",
+                )
+                for server in self._node.engine.config.ice_servers
+            ],
+            recording=record.record,
+            slot_count=result.slot_count,
+            may_publish=result.may_publish,
+        )
+
+    def _session_id(self, name: str) -> str:
+        """The session id of ``mediaNodes/{node}/sessions/{id}`` on this node."""
+        parts = name.split("/")
+        if parts[1] != self._node.node_id:
+            raise NotFound("no such media session on this node", reason="SESSION_NOT_FOUND")
+        return parts[3]
+
+    def _caller(self) -> str | None:
+        """The calling user's id; ``None`` for a service (which may act on any session)."""
+        principal = current_principal()
+        return principal.user_id if principal.is_user else None
+
+    async def AddIceCandidate(
+        self, request: pb.AddIceCandidateRequest, context: Any
+    ) -> pb.AddIceCandidateResponse:
+        session = self._node.owned_session(self._session_id(request.session), self._caller())
+        await session.peer.add_ice_candidate(
+            request.candidate,
+            request.sdp_mid if request.HasField("sdp_mid") else None,
+            request.sdp_m_line_index if request.HasField("sdp_m_line_index") else None,
+        )
+        return pb.AddIceCandidateResponse()
+
+    async def RestartIce(
+        self, request: pb.RestartIceRequest, context: Any
+    ) -> pb.RestartIceResponse:
+        self._node.owned_session(self._session_id(request.session), self._caller())
+        # aiortc cannot restart ICE on a live connection; a new session (JoinSpace for a
+        # fresh grant, then Negotiate) replaces the old one without leaving the Space.
+        raise FailedPrecondition(
+            "this node cannot restart ICE; negotiate a new session with a fresh grant",
+            reason="ICE_RESTART_UNSUPPORTED",
+        )
+
+    async def LeaveSession(
+        self, request: pb.LeaveSessionRequest, context: Any
+    ) -> pb.LeaveSessionResponse:
+        session_id = self._session_id(request.session)
+        if self._node.engine.session(session_id) is not None:
+            self._node.owned_session(session_id, self._caller())
+            await self._node.engine.leave(session_id)
+        return pb.LeaveSessionResponse()
+
+    # -- recordings (apps) -------------------------------------------------------------
+
+    async def _recordings(self, space: str) -> list[res.Recording]:
+        return [_recording(space, item) for item in await self._node.registry.recordings(space)]
+
+    async def _recording(self, name: str) -> res.Recording:
+        space, recording_id = name.split("/")[1], _last(name)
+        await self._access.check(space, _user(current_principal()))
+        for recording in await self._recordings(space):
+            if recording.name == name:
+                return recording
+        raise NotFound(
+            "no such recording", reason="RECORDING_NOT_FOUND", metadata={"id": recording_id}
+        )
+
+    async def ListRecordings(
+        self, request: pb.ListRecordingsRequest, context: Any
+    ) -> pb.ListRecordingsResponse:
+        space = _last(request.parent)
+        await self._access.check(space, _user(current_principal()))
+        # A Space has a handful of recordings at most: one page holds them all.
+        return pb.ListRecordingsResponse(recordings=await self._recordings(space))
+
+    async def GetRecording(
+        self, request: pb.GetRecordingRequest, context: Any
+    ) -> pb.GetRecordingResponse:
+        return pb.GetRecordingResponse(recording=await self._recording(request.name))
+
+    async def ReadRecording(
+        self, request: pb.ReadRecordingRequest, context: Any
+    ) -> AsyncIterator[pb.ReadRecordingResponse]:
+        recording = await self._recording(request.name)
+        if recording.state != res.Recording.STATE_READY:
+            raise FailedPrecondition("the recording is not ready", reason="RECORDING_NOT_READY")
+        path = self._recordings_dir / recording.space.split("/")[1] / f"{_last(recording.name)}.ogg"
+        size = path.stat().st_size
+        if request.offset >= size:
+            raise OutOfRange(
+                "offset is at or past the end of the recording", reason="OFFSET_OUT_OF_RANGE"
+            )
+        end = size if request.length == 0 else min(size, request.offset + request.length)
+        offset = request.offset
+        yield pb.ReadRecordingResponse(recording=recording, offset=offset)
+        with path.open("rb") as file:
+            file.seek(offset)
+            while offset < end:
+                data = file.read(min(_CHUNK_BYTES, end - offset))
+                if not data:
+                    break
+                yield pb.ReadRecordingResponse(offset=offset, data=data)
+                offset += len(data)
+
+    # -- internal: rooms ----------------------------------------------------------------
+
+    async def OpenSpace(self, request: pb.OpenSpaceRequest, context: Any) -> pb.OpenSpaceResponse:
+        origin = await self._node.open_space(_last(request.space), record=request.record)
+        return pb.OpenSpaceResponse(origin_node=f"mediaNodes/{origin}")
+
+    async def PlaceParticipant(
+        self, request: pb.PlaceParticipantRequest, context: Any
+    ) -> pb.PlaceParticipantResponse:
+        space, participant = _participant(request.participant)
+        avoid = request.avoid_node.removeprefix("mediaNodes/") or None
+        placement = await self._node.place(
+            space, participant, may_publish=request.may_publish, avoid=avoid
+        )
+        return pb.PlaceParticipantResponse(
+            node=f"mediaNodes/{placement.node.node_id}",
+            endpoint=placement.node.endpoint,
+            node_role=res.NODE_ROLE_ORIGIN if placement.origin else res.NODE_ROLE_EDGE,
+        )
+
+    async def UpdatePermissions(
+        self, request: pb.UpdatePermissionsRequest, context: Any
+    ) -> pb.UpdatePermissionsResponse:
+        space, participant = _participant(request.participant)
+        applied, sessions = await self._node.update_permissions(
+            space,
+            participant,
+            ParticipantPermissions(
+                may_publish=request.may_publish,
+                muted=request.muted,
+                removed=request.removed,
+                revision=request.revision,
+            ),
+        )
+        return pb.UpdatePermissionsResponse(applied=applied, session_count=sessions)
+
+    async def CloseSpace(
+        self, request: pb.CloseSpaceRequest, context: Any
+    ) -> pb.CloseSpaceResponse:
+        space = _last(request.space)
+        closed = await self._node.close_space(space)
+        return pb.CloseSpaceResponse(
+            recordings=await self._recordings(space), closed_session_count=closed
+        )
+
+    async def OpenRelay(self, request: pb.OpenRelayRequest, context: Any) -> pb.OpenRelayResponse:
+        raise Unimplemented("relays between media nodes are not served yet", reason="NO_RELAYS")
+
+    async def CloseRelay(
+        self, request: pb.CloseRelayRequest, context: Any
+    ) -> pb.CloseRelayResponse:
+        raise Unimplemented("relays between media nodes are not served yet", reason="NO_RELAYS")
+
+    # -- internal: operations ---------------------------------------------------------
+
+    async def GetNodeStats(
+        self, request: pb.GetNodeStatsRequest, context: Any
+    ) -> pb.GetNodeStatsResponse:
+        node_id = request.node.removeprefix("mediaNodes/")
+        if not node_id or node_id == self._node.node_id:
+            return pb.GetNodeStatsResponse(stats=node_stats(self._node.info()))
+        found = await self._node.registry.node(node_id)
+        if found is None:
+            raise NotFound("no such media node", reason="NODE_NOT_FOUND")
+        return pb.GetNodeStatsResponse(stats=node_stats(found))
+
+    async def DrainNode(self, request: pb.DrainNodeRequest, context: Any) -> pb.DrainNodeResponse:
+        node_id = request.node.removeprefix("mediaNodes/")
+        grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else None
+        if node_id == self._node.node_id:
+            await self._node.drain(grace)
+            return pb.DrainNodeResponse(stats=node_stats(self._node.info()))
+        found = await self._node.registry.node(node_id)
+        if found is None:
+            raise NotFound("no such media node", reason="NODE_NOT_FOUND")
+        await self._node.registry.publish_control(
+            {"kind": "drain", "node": node_id, "grace": grace}
+        )
+        return pb.DrainNodeResponse(stats=node_stats(found))
+
+
+def _recording(space: str, item: dict[str, Any]) -> res.Recording:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(float(item.get("duration_s", 0.0)) * 1e9))
+    return res.Recording(
+        name=f"spaces/{space}/recordings/{item['id']}",
+        space=f"spaces/{space}",
+        format="audio/ogg; codecs=opus",
+        duration=duration,
+        size_bytes=int(item.get("size_bytes", 0)),
+        state=int(item.get("state", res.Recording.STATE_RECORDING)),  # type: ignore[arg-type]
+        create_time=_timestamp(item.get("create_time")),
+        ready_time=_timestamp(item.get("ready_time")),
+        expire_time=_timestamp(item.get("expire_time")),
+    )

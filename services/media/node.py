@@ -1,0 +1,561 @@
+"""One media node: the engine plus what makes it part of a fleet.
+
+:class:`MediaNode` is what the gRPC layer (:mod:`services.media.api`) calls. It
+
+* reports the node's load to the registry every heartbeat, and notices dead nodes there
+  (the first live node to take a dead node's failover lock asks rooms to move its
+  participants);
+* applies permission changes and Space closings arriving from any node over the
+  registry's control channel (a change reaches every node holding a session of the
+  participant, whichever node rooms called);
+* places Spaces and participants (:mod:`services.media.placement`);
+* verifies media grants (signature, expiry, user, node, single use) before negotiating;
+* reports peer states and speaking levels to rooms;
+* drains: stops taking peers, asks rooms to move its participants, and keeps forwarding
+  until they have gone or the grace period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from services.common.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from services.common.grants import MediaGrantVerifier
+from services.common.tasks import reraise_if_cancelling, stop_tasks
+from services.media.engine import MediaEngine, Negotiation
+from services.media.levels import SpeakerLevel
+from services.media.placement import best_node, origin_usable
+from services.media.registry import (
+    NodeInfo,
+    NodeRegistry,
+    ParticipantPermissions,
+    SpaceRecord,
+    SpaceShare,
+)
+from services.media.session import Session
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MediaNode", "NodeOptions", "PeerChange", "Placement", "RoomsLink"]
+
+_NO_CAPACITY_RETRY_S = 5.0
+_RECONNECT_CHUNK = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerChange:
+    """A session's state change, for rooms (``state``: connected or closed)."""
+
+    space: str
+    participant: str
+    session: str
+    connected: bool
+    observe_time: float
+
+
+class RoomsLink(Protocol):
+    """What a media node tells rooms."""
+
+    async def report_peer_states(self, node: str, changes: Sequence[PeerChange]) -> None:
+        """Sessions that connected or closed."""
+
+    async def report_levels(
+        self, space: str, levels: Sequence[SpeakerLevel], observe_time: float
+    ) -> None:
+        """Speaking levels of a Space's publishers."""
+
+    async def request_reconnect(
+        self, space: str, participants: Sequence[str], *, draining: bool, from_node: str
+    ) -> None:
+        """Ask rooms to place participants again and send them a media-reconnect event."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeOptions:
+    """How a node takes part in the fleet.
+
+    :param node_id: the node's id.
+    :param address: its gRPC address (for the gateway and other nodes).
+    :param endpoint: public signalling URL for apps ('' for the gateway).
+    :param capacity: peers it accepts.
+    :param heartbeat_s: seconds between reports.
+    :param drain_grace_s: default drain grace.
+    :param levels_interval_s: seconds between level reports to rooms.
+    """
+
+    node_id: str
+    address: str
+    endpoint: str = ""
+    capacity: int = 2000
+    heartbeat_s: float = 1.0
+    drain_grace_s: float = 300.0
+    levels_interval_s: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a participant connects."""
+
+    node: NodeInfo
+    origin: bool
+
+
+class MediaNode:
+    """A media node in the fleet.
+
+    :param engine: the forwarding engine (not started).
+    :param registry: the node registry.
+    :param grants: verifies media grants.
+    :param rooms: where peer states, levels and reconnect requests go.
+    :param options: identity and timing.
+    """
+
+    def __init__(
+        self,
+        engine: MediaEngine,
+        registry: NodeRegistry,
+        grants: MediaGrantVerifier,
+        rooms: RoomsLink,
+        options: NodeOptions,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.grants = grants
+        self.rooms = rooms
+        self.options = options
+        self.draining = False
+        self.drain_deadline: float | None = None
+        self._changes: list[PeerChange] = []
+        self._changes_ready = asyncio.Event()
+        self._silent_spaces: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drained = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        engine.on_session_state = self._session_state
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        return self.options.node_id
+
+    @property
+    def name(self) -> str:
+        """This node's resource name, ``mediaNodes/{id}``."""
+        return f"mediaNodes/{self.options.node_id}"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the engine, report the node and start the background loops."""
+        await self.engine.start()
+        await self.registry.report(self.info())
+        for loop, label in (
+            (self._heartbeat_loop, "heartbeat"),
+            (self._control_loop, "control"),
+            (self._peer_state_loop, "peer states"),
+            (self._levels_loop, "levels"),
+        ):
+            self._tasks.append(asyncio.create_task(self._forever(loop, label), name=label))
+        logger.info("media node %s registered at %s", self.node_id, self.options.address)
+
+    async def stop(self) -> None:
+        """Close every session, flush reports and leave the registry."""
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        await self.engine.close()
+        await self._flush_peer_states()
+        await stop_tasks(self._tasks)
+        self._tasks = []
+        with contextlib.suppress(Exception):
+            await self.registry.deregister(self.node_id)
+        logger.info("media node %s stopped", self.node_id)
+
+    async def _forever(self, loop: Callable[[], Awaitable[None]], label: str) -> None:
+        """Run a loop again after an unexpected failure (Redis or rooms briefly away)."""
+        while True:
+            try:
+                await loop()
+            except Exception as error:
+                reraise_if_cancelling()
+                logger.warning("media %s loop failed (%s); restarting in 1 s", label, error)
+                await asyncio.sleep(1.0)
+
+    # -- the node's report -----------------------------------------------------------
+
+    def info(self) -> NodeInfo:
+        """The node's current report."""
+        stats = self.engine.stats()
+        return NodeInfo(
+            node_id=self.node_id,
+            address=self.options.address,
+            endpoint=self.options.endpoint,
+            draining=self.draining,
+            capacity=self.options.capacity,
+            publishers=stats.publishers,
+            listeners=stats.listeners,
+            relays=0,
+            report_time=time.time(),
+            drain_deadline=self.drain_deadline,
+            spaces=tuple(
+                SpaceShare(s.space, s.publishers, s.listeners, origin=s.publishers > 0)
+                for s in stats.spaces
+            ),
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self.registry.report(self.info())
+            await self._recover_dead_nodes()
+            await asyncio.sleep(self.options.heartbeat_s)
+
+    async def _recover_dead_nodes(self) -> None:
+        """Move the participants of nodes whose reports expired (one node does each)."""
+        _, dead = await self.registry.nodes()
+        for node_id in dead:
+            if node_id == self.node_id:
+                continue
+            if not await self.registry.claim_failover(node_id, self.node_id):
+                continue
+            peers = await self.registry.peers(node_id)
+            logger.warning(
+                "media node %s is gone; moving %d participants in %d spaces",
+                node_id,
+                sum(len(p) for p in peers.values()),
+                len(peers),
+            )
+            for space, participants in peers.items():
+                record = await self.registry.space(space)
+                if record.closed:
+                    continue
+                if record.origin == node_id:
+                    # Let the next placement pick a new origin: clear it only if unchanged.
+                    await self.registry.claim_origin(space, "", replacing=node_id)
+                await self._request_reconnect(space, participants, draining=False, source=node_id)
+            await self.registry.deregister(node_id)
+
+    async def _request_reconnect(
+        self, space: str, participants: Sequence[str], *, draining: bool, source: str
+    ) -> None:
+        for start in range(0, len(participants), _RECONNECT_CHUNK):
+            chunk = participants[start : start + _RECONNECT_CHUNK]
+            try:
+                await self.rooms.request_reconnect(
+                    space, chunk, draining=draining, from_node=source
+                )
+            except Exception as error:
+                reraise_if_cancelling()
+                logger.warning("rooms refused to move %d participants: %s", len(chunk), error)
+
+    # -- control channel ---------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        async for message in self.registry.control_messages():
+            await self.apply_control(message)
+
+    async def apply_control(self, message: dict[str, Any]) -> None:
+        """Apply a control message (from any node, this one included)."""
+        kind = message.get("kind")
+        if kind == "drain":
+            if message.get("node") == self.node_id:
+                grace = message.get("grace")
+                await self.drain(float(grace) if grace is not None else None)
+            return
+        space = str(message.get("space", ""))
+        if not self.engine.has_space(space):
+            return
+        if kind == "permissions":
+            permissions = ParticipantPermissions(
+                may_publish=bool(message["may_publish"]),
+                muted=bool(message["muted"]),
+                removed=bool(message["removed"]),
+                revision=int(message["revision"]),
+            )
+            await self._apply_permissions(space, str(message["participant"]), permissions)
+        elif kind == "close":
+            await self.engine.close_space(space)
+
+    async def _apply_permissions(
+        self, space: str, participant: str, permissions: ParticipantPermissions
+    ) -> None:
+        if permissions.removed:
+            await self.engine.remove(space, participant)
+        else:
+            self.engine.update_permissions(
+                space,
+                participant,
+                may_publish=permissions.may_publish,
+                muted=permissions.muted,
+                revision=permissions.revision,
+            )
+
+    # -- placement (any node answers) ---------------------------------------------------
+
+    async def open_space(self, space: str, *, record: bool) -> str:
+        """Give the Space an origin (keeping an existing usable one); return its id.
+
+        :raises FailedPrecondition: ``SPACE_CLOSED``.
+        :raises Unavailable: ``NO_MEDIA_CAPACITY``.
+        """
+        nodes, _ = await self.registry.nodes()
+        by_id = {node.node_id: node for node in nodes}
+        record_now = await self.registry.space(space)
+        if record_now.closed:
+            raise FailedPrecondition("the space's media was closed", reason="SPACE_CLOSED")
+        if record_now.origin and origin_usable(by_id.get(record_now.origin)):
+            if record and not record_now.record:
+                await self.registry.set_recording(space)
+            return record_now.origin
+        return await self._claim_new_origin(space, nodes, record_now.origin, record=record)
+
+    async def _claim_new_origin(
+        self,
+        space: str,
+        nodes: Sequence[NodeInfo],
+        previous: str | None,
+        *,
+        record: bool,
+        avoid: str | None = None,
+    ) -> str:
+        choice = best_node(nodes, avoid=avoid)
+        if choice is None:
+            raise _no_capacity()
+        status, origin = await self.registry.claim_origin(
+            space, choice.node_id, replacing=previous, record=record
+        )
+        if status == "closed":
+            raise FailedPrecondition("the space's media was closed", reason="SPACE_CLOSED")
+        if status == "set":
+            logger.info("space %s: origin is now %s", space, origin)
+        return origin
+
+    async def place(
+        self, space: str, participant: str, *, may_publish: bool, avoid: str | None
+    ) -> Placement:
+        """Pick the node a participant connects to.
+
+        :raises FailedPrecondition: ``SPACE_NOT_OPEN``.
+        :raises Unavailable: ``NO_MEDIA_CAPACITY``.
+        """
+        record = await self.registry.space(space)
+        if record.closed or record.origin is None and record.open_time is None:
+            raise FailedPrecondition(
+                "media does not serve this space; open it first", reason="SPACE_NOT_OPEN"
+            )
+        nodes, _ = await self.registry.nodes()
+        by_id = {node.node_id: node for node in nodes}
+        origin_id = record.origin
+        if origin_id is None or not origin_usable(by_id.get(origin_id), avoid=avoid):
+            origin_id = await self._claim_new_origin(
+                space, nodes, origin_id, record=record.record, avoid=avoid
+            )
+        origin = by_id.get(origin_id)
+        if origin is None:
+            raise _no_capacity()
+        # Publishers must reach the origin even when it is full of listeners.
+        if not may_publish and not origin.has_room:
+            raise _no_capacity()
+        await self.registry.add_pending(origin.node_id, space, participant)
+        return Placement(origin, origin=True)
+
+    # -- sessions (this node) ------------------------------------------------------------
+
+    async def negotiate(
+        self, user_id: str, node: str, grant_token: str, offer: str
+    ) -> tuple[Negotiation, SpaceRecord]:
+        """Verify the grant and open the caller's session; also return the Space's record.
+
+        :raises PermissionDenied: ``GRANT_INVALID``, ``GRANT_EXPIRED``,
+            ``GRANT_USER_MISMATCH``, ``GRANT_ALREADY_USED``, ``PARTICIPANT_REMOVED``.
+        :raises FailedPrecondition: ``NODE_UNAVAILABLE``, ``SPACE_ENDED``.
+        :raises InvalidArgument: ``INVALID_SDP``.
+        """
+        grant = self.grants.verify(grant_token)
+        if grant.user_id != user_id:
+            raise PermissionDenied(
+                "the media grant was issued to another user", reason="GRANT_USER_MISMATCH"
+            )
+        if node != self.name or grant.node != self.node_id:
+            raise FailedPrecondition(
+                "the grant is for another media node; join again for a new placement",
+                reason="NODE_UNAVAILABLE",
+            )
+        if self.draining:
+            raise FailedPrecondition(
+                "this media node is draining; join again for a new placement",
+                reason="NODE_UNAVAILABLE",
+            )
+        record = await self.registry.space(grant.space_id)
+        if record.closed:
+            raise FailedPrecondition("the space has ended", reason="SPACE_ENDED")
+        if record.origin != self.node_id:
+            raise FailedPrecondition(
+                "this node does not serve the space; join again for a new placement",
+                reason="NODE_UNAVAILABLE",
+            )
+        if not await self.registry.use_grant(grant.nonce, grant.expire_time.timestamp()):
+            raise PermissionDenied(
+                "this media grant was already used; join again for a new one",
+                reason="GRANT_ALREADY_USED",
+            )
+        stored = await self.registry.permissions(grant.space_id, user_id)
+        if stored is not None:
+            await self._apply_permissions(grant.space_id, user_id, stored)
+        negotiation = await self.engine.negotiate(
+            grant.space_id, user_id, offer, may_publish=grant.may_publish
+        )
+        return negotiation, record
+
+    def owned_session(self, session_id: str, user_id: str | None) -> Session:
+        """A session of this node, checked to belong to ``user_id`` (``None``: a service).
+
+        :raises NotFound: ``SESSION_NOT_FOUND``.
+        :raises PermissionDenied: ``NOT_SESSION_OWNER``.
+        """
+        session = self.engine.session(session_id)
+        if session is None:
+            raise NotFound("no such media session", reason="SESSION_NOT_FOUND")
+        if user_id is not None and session.participant != user_id:
+            raise PermissionDenied(
+                "the session belongs to another user", reason="NOT_SESSION_OWNER"
+            )
+        return session
+
+    async def update_permissions(
+        self, space: str, participant: str, permissions: ParticipantPermissions
+    ) -> tuple[bool, int]:
+        """Store and broadcast a participant's permissions; apply them here at once.
+
+        :returns: whether they were applied (not outdated) and the participant's sessions
+            on this node.
+        :raises FailedPrecondition: ``SPACE_NOT_OPEN``.
+        """
+        record = await self.registry.space(space)
+        if record.closed or record.origin is None and record.open_time is None:
+            raise FailedPrecondition("media does not serve this space", reason="SPACE_NOT_OPEN")
+        sessions = self.engine.participant_sessions(space, participant)
+        applied = await self.registry.set_permissions(space, participant, permissions)
+        if applied and self.engine.has_space(space):
+            # The control channel brings it here too; applying now makes the 200 ms bound
+            # independent of Redis pub/sub latency. A repeat is a no-op (same revision).
+            await self._apply_permissions(space, participant, permissions)
+        return applied, sessions
+
+    async def close_space(self, space: str) -> int:
+        """End the Space's media on every node; returns the sessions closed here."""
+        sessions = sum(1 for s in self.engine.sessions() if s.room.space == space)
+        await self.registry.close_space(space)
+        await self.engine.close_space(space)
+        return sessions
+
+    # -- drain -------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Start draining (idempotent: a second call keeps the earlier deadline)."""
+        if self.draining:
+            return
+        grace = self.options.drain_grace_s if grace_s is None else grace_s
+        self.draining = True
+        self.drain_deadline = time.time() + grace
+        await self.registry.report(self.info())
+        logger.info("media node %s draining for up to %.0f s", self.node_id, grace)
+        self._drain_task = asyncio.create_task(self._drain(grace), name="drain")
+
+    async def _drain(self, grace: float) -> None:
+        sessions = self.engine.sessions()
+        by_space: dict[str, list[str]] = {}
+        for session in sessions:
+            by_space.setdefault(session.room.space, []).append(session.participant)
+        # Spread the moves over the first half of the grace period so reconnects do not
+        # stampede the next node.
+        batches = [
+            (space, participants[i : i + _RECONNECT_CHUNK])
+            for space, participants in by_space.items()
+            for i in range(0, len(participants), _RECONNECT_CHUNK)
+        ]
+        pause = grace / 2 / len(batches) if batches else 0.0
+        for space, participants in batches:
+            await self._request_reconnect(space, participants, draining=True, source=self.node_id)
+            await asyncio.sleep(min(pause, 5.0))
+        deadline = self.drain_deadline or time.time()
+        while self.engine.sessions() and time.time() < deadline:
+            await asyncio.sleep(0.2)
+        self._drained.set()
+
+    async def wait_drained(self) -> None:
+        """Return once every session has gone or the grace period has ended."""
+        if self._drain_task is None:
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drain_task
+
+    # -- reports to rooms --------------------------------------------------------------
+
+    def _session_state(self, session: Session, connected: bool) -> None:
+        self._changes.append(
+            PeerChange(session.room.space, session.participant, session.id, connected, time.time())
+        )
+        self._changes_ready.set()
+        registry_update = self.registry.peer_connected if connected else self.registry.peer_closed
+        task = asyncio.get_running_loop().create_task(
+            registry_update(self.node_id, session.room.space, session.participant, session.id)
+        )
+        task.add_done_callback(_log_failure)
+
+    async def _peer_state_loop(self) -> None:
+        while True:
+            await self._changes_ready.wait()
+            # Gather what arrives in the next 100 ms into one report.
+            await asyncio.sleep(0.1)
+            await self._flush_peer_states()
+
+    async def _flush_peer_states(self) -> None:
+        self._changes_ready.clear()
+        while self._changes:
+            batch, self._changes = self._changes[:1000], self._changes[1000:]
+            try:
+                await self.rooms.report_peer_states(self.name, batch)
+            except Exception as error:
+                reraise_if_cancelling()
+                logger.warning("peer states not reported (%s); retrying", error)
+                self._changes = batch + self._changes
+                self._changes = self._changes[-10_000:]
+                self._changes_ready.set()
+                return
+
+    async def _levels_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.levels_interval_s)
+            for space in {s.room.space for s in self.engine.sessions()} | self._silent_spaces:
+                levels = self.engine.levels(space)
+                if not levels and space in self._silent_spaces:
+                    continue
+                if levels:
+                    self._silent_spaces.discard(space)
+                else:
+                    self._silent_spaces.add(space)
+                await self.rooms.report_levels(space, levels, time.time())
+            self._silent_spaces = {s for s in self._silent_spaces if self.engine.has_space(s)}
+
+
+def _no_capacity() -> Unavailable:
+    return Unavailable(
+        "no media node has room; retry later",
+        reason="NO_MEDIA_CAPACITY",
+        retry_after=_NO_CAPACITY_RETRY_S,
+    )
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("registry update failed: %s", task.exception())
