@@ -163,6 +163,21 @@ def heard(app: App, freq: float, tolerance: float = 25.0) -> bool:
     return any(f is not None and abs(f - freq) < tolerance for f in app.frequencies())
 
 
+def heard_since(app: App, freq: float, since: float, tolerance: float = 25.0) -> bool:
+    """Whether a frame of ``freq`` arrived in one of the app's slots after ``since``
+    (frames are judged one by one: a slot that stops receiving keeps its old frames)."""
+    for slot in app.slots:
+        recent = zip(slot.times[-len(slot.samples) :], slot.samples, strict=True)
+        for arrived, pcm in recent:
+            if arrived <= since or float(np.sqrt(np.mean(pcm * pcm))) < 200:
+                continue
+            spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+            peak = float(np.argmax(spectrum)) * RATE / len(pcm)
+            if abs(peak - freq) < max(tolerance, RATE / len(pcm)):
+                return True
+    return False
+
+
 async def eventually(condition: object, timeout: float = 8.0, interval: float = 0.05) -> bool:
     """Poll a zero-argument callable until it returns true (or time runs out)."""
     assert callable(condition)

@@ -1,0 +1,309 @@
+"""Media nodes in a fleet: real Valkey registry, real engines, real aiortc apps on loopback.
+
+Rooms is replaced by :class:`RoomsRecorder`, which keeps what the nodes report to it (peer
+states, levels, reconnect requests): the node's side of that contract is what is tested
+here; the stack test covers the real rooms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+import redis.asyncio
+from aiortc import RTCSessionDescription
+
+from services.common.errors import FailedPrecondition, PermissionDenied, Unavailable
+from services.common.grants import MediaGrantSigner, MediaGrantVerifier
+from services.media.config import MediaConfig
+from services.media.engine import MediaEngine
+from services.media.levels import SpeakerLevel
+from services.media.node import MediaNode, NodeOptions, PeerChange
+from services.media.registry import NodeRegistry, ParticipantPermissions
+from tests.integration.media.conftest import AppFactory
+from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard
+
+SECRET = "media-grant-secret-for-tests-0123456789abcdef"
+SPACE = "space-1"
+SILENCE_RMS = 50.0
+
+
+@dataclass
+class RoomsRecorder:
+    """What rooms would receive from media nodes."""
+
+    changes: list[PeerChange] = field(default_factory=list)
+    levels: list[tuple[str, list[SpeakerLevel]]] = field(default_factory=list)
+    reconnects: list[tuple[str, list[str], bool, str]] = field(default_factory=list)
+
+    async def report_peer_states(self, node: str, changes: Sequence[PeerChange]) -> None:
+        self.changes.extend(changes)
+
+    async def report_levels(
+        self, space: str, levels: Sequence[SpeakerLevel], observe_time: float
+    ) -> None:
+        self.levels.append((space, list(levels)))
+
+    async def request_reconnect(
+        self, space: str, participants: Sequence[str], *, draining: bool, from_node: str
+    ) -> None:
+        self.reconnects.append((space, list(participants), draining, from_node))
+
+
+Fleet = Callable[..., "asyncio.Future[MediaNode]"]
+
+
+@pytest.fixture
+def rooms() -> RoomsRecorder:
+    return RoomsRecorder()
+
+
+@pytest.fixture
+async def fleet(
+    redis_client: redis.asyncio.Redis, rooms: RoomsRecorder
+) -> AsyncIterator[Callable[[str], asyncio.Future[MediaNode]]]:
+    """Start media nodes by id, all sharing the test's Redis database."""
+    async with AsyncExitStack() as stack:
+
+        async def start(node_id: str, capacity: int = 100) -> MediaNode:
+            node = MediaNode(
+                MediaEngine(MediaConfig(rtcp_interval=0.5, levels_interval=0.1)),
+                NodeRegistry(redis_client, node_ttl_s=1.5),
+                MediaGrantVerifier(SECRET),
+                rooms,
+                NodeOptions(
+                    node_id=node_id,
+                    address=f"127.0.0.1:{50000 + len(node_id)}",
+                    capacity=capacity,
+                    heartbeat_s=0.3,
+                    drain_grace_s=2.0,
+                    levels_interval_s=0.1,
+                ),
+            )
+            await node.start()
+            stack.push_async_callback(node.stop)
+            return node
+
+        def launch(node_id: str, capacity: int = 100) -> asyncio.Future[MediaNode]:
+            return asyncio.ensure_future(start(node_id, capacity))
+
+        yield launch
+
+
+def grant(user: str, node: str, *, space: str = SPACE, publish: bool = False, **kw: object) -> str:
+    token, _ = MediaGrantSigner(SECRET).sign(
+        space_id=space,
+        user_id=user,
+        role="speaker" if publish else "listener",
+        may_publish=publish,
+        node=node,
+        **kw,  # type: ignore[arg-type]
+    )
+    return token
+
+
+async def connect(node: MediaNode, app: App, user: str, *, publish: bool = False) -> str:
+    """Negotiate ``app`` with ``node`` the way an app does, with a fresh grant."""
+    await app.pc.setLocalDescription(await app.pc.createOffer())
+    negotiation, _ = await node.negotiate(
+        user, node.name, grant(user, node.node_id, publish=publish), app.pc.localDescription.sdp
+    )
+    await app.pc.setRemoteDescription(RTCSessionDescription(negotiation.sdp_answer, "answer"))
+    app.recorder = SlotRecorder([t.receiver.track for t in app.slot_transceivers])
+    await node.engine.wait_connected(negotiation.session, timeout=20)
+    return negotiation.session
+
+
+async def test_placement_opens_a_space_on_the_least_loaded_node_and_keeps_it(
+    fleet: Callable[..., asyncio.Future[MediaNode]],
+) -> None:
+    a, b = await fleet("media-a"), await fleet("media-b", capacity=1000)
+    origin = await a.open_space(SPACE, record=False)
+    assert origin == "media-a", "equal load (0): the lowest id wins"
+    assert await b.open_space(SPACE, record=True) == "media-a", "a second call keeps it"
+    placement = await b.place(SPACE, "alice", may_publish=False, avoid=None)
+    assert placement.node.node_id == "media-a" and placement.origin
+    assert (await a.registry.space(SPACE)).record, "recording can be turned on later"
+
+
+async def test_placing_in_a_space_never_opened_or_closed_is_refused(
+    fleet: Callable[..., asyncio.Future[MediaNode]],
+) -> None:
+    node = await fleet("media-a")
+    with pytest.raises(FailedPrecondition) as never:
+        await node.place("nope", "alice", may_publish=False, avoid=None)
+    assert never.value.reason == "SPACE_NOT_OPEN"
+    await node.open_space(SPACE, record=False)
+    await node.close_space(SPACE)
+    with pytest.raises(FailedPrecondition) as closed:
+        await node.place(SPACE, "alice", may_publish=False, avoid=None)
+    assert closed.value.reason == "SPACE_NOT_OPEN"
+    with pytest.raises(FailedPrecondition) as reopened:
+        await node.open_space(SPACE, record=False)
+    assert reopened.value.reason == "SPACE_CLOSED"
+
+
+async def test_a_full_origin_refuses_listeners_but_takes_publishers(
+    fleet: Callable[..., asyncio.Future[MediaNode]],
+) -> None:
+    node = await fleet("media-a", capacity=2)
+    await node.open_space(SPACE, record=False)
+    await node.place(SPACE, "l1", may_publish=False, avoid=None)
+    await node.place(SPACE, "l2", may_publish=False, avoid=None)
+    with pytest.raises(Unavailable) as full:
+        await node.place(SPACE, "l3", may_publish=False, avoid=None)
+    assert full.value.reason == "NO_MEDIA_CAPACITY"
+    placement = await node.place(SPACE, "host", may_publish=True, avoid=None)
+    assert placement.node.node_id == "media-a"
+
+
+async def test_grants_are_checked_for_user_node_expiry_reuse_and_ended_spaces(
+    fleet: Callable[..., asyncio.Future[MediaNode]], apps: AppFactory
+) -> None:
+    a, b = await fleet("media-a"), await fleet("media-b")
+    await a.open_space(SPACE, record=False)
+    app = apps("alice")
+    await app.pc.setLocalDescription(await app.pc.createOffer())
+    offer = app.pc.localDescription.sdp
+
+    async def refused(node: MediaNode, user: str, token: str) -> str:
+        with pytest.raises((PermissionDenied, FailedPrecondition)) as error:
+            await node.negotiate(user, node.name, token, offer)
+        return str(error.value.reason)
+
+    assert await refused(a, "mallory", grant("alice", "media-a")) == "GRANT_USER_MISMATCH"
+    assert await refused(b, "alice", grant("alice", "media-a")) == "NODE_UNAVAILABLE"
+    assert await refused(b, "alice", grant("alice", "media-b")) == "NODE_UNAVAILABLE", (
+        "media-b does not serve the space"
+    )
+    old = datetime.now().astimezone() - timedelta(minutes=10)
+    assert await refused(a, "alice", grant("alice", "media-a", now=old)) == "GRANT_EXPIRED"
+    assert await refused(a, "alice", "not-a-grant") == "GRANT_INVALID"
+    other_key = MediaGrantSigner("another-secret-another-secret-0123456789").sign(
+        space_id=SPACE, user_id="alice", role="listener", may_publish=False, node="media-a"
+    )[0]
+    assert await refused(a, "alice", other_key) == "GRANT_INVALID"
+
+    token = grant("alice", "media-a")
+    negotiation, record = await a.negotiate("alice", a.name, token, offer)
+    assert negotiation.session and not record.record
+    assert await refused(a, "alice", token) == "GRANT_ALREADY_USED", "a grant opens one session"
+
+    await a.close_space(SPACE)
+    assert await refused(a, "alice", grant("alice", "media-a")) == "SPACE_ENDED"
+
+
+async def test_permissions_set_through_any_node_reach_the_node_holding_the_session(
+    fleet: Callable[..., asyncio.Future[MediaNode]], apps: AppFactory, rooms: RoomsRecorder
+) -> None:
+    origin, other = await fleet("media-a"), await fleet("media-b")
+    await other.open_space(SPACE, record=False)
+    speaker = apps("alice", Tone(440, 0.3))
+    listener = apps("bob")
+    await connect(origin, speaker, "alice", publish=True)
+    await connect(origin, listener, "bob")
+    assert await eventually(lambda: heard(listener, 440))
+
+    # rooms calls whichever node its channel picked: here the one without the session.
+    applied, sessions = await other.update_permissions(
+        SPACE,
+        "alice",
+        ParticipantPermissions(may_publish=True, muted=True, removed=False, revision=2),
+    )
+    assert applied and sessions == 0
+    t0 = time.monotonic()
+    assert await eventually(lambda: origin.engine.slot_speakers(SPACE, "bob")[0] is None, 2.0)
+    print(f"mute through another node took effect in {(time.monotonic() - t0) * 1000:.0f} ms")
+    await asyncio.sleep(0.6)
+    assert all(rms < SILENCE_RMS for rms in listener.slots[0].since(t0 + 0.2))
+
+    stale, _ = await other.update_permissions(
+        SPACE,
+        "alice",
+        ParticipantPermissions(may_publish=True, muted=False, removed=False, revision=1),
+    )
+    assert not stale, "an older revision changes nothing"
+    await origin.update_permissions(
+        SPACE,
+        "alice",
+        ParticipantPermissions(may_publish=True, muted=False, removed=False, revision=3),
+    )
+    assert await eventually(lambda: heard(listener, 440))
+
+    await other.update_permissions(
+        SPACE,
+        "bob",
+        ParticipantPermissions(may_publish=False, muted=False, removed=True, revision=4),
+    )
+    assert await eventually(lambda: origin.engine.participant_sessions(SPACE, "bob") == 0, 3.0)
+    with pytest.raises(PermissionDenied) as removed:
+        await connect(origin, apps("bob-again"), "bob")
+    assert removed.value.reason == "PARTICIPANT_REMOVED", "a removed participant cannot return"
+
+    def states() -> list[tuple[str, bool]]:
+        return [(c.participant, c.connected) for c in rooms.changes]
+
+    assert await eventually(lambda: ("bob", False) in states(), 2.0), "rooms hears of the close"
+    assert ("alice", True) in states() and ("bob", True) in states()
+    assert any(
+        space == SPACE and any(level.participant == "alice" for level in levels)
+        for space, levels in rooms.levels
+    )
+
+
+async def test_a_dead_node_s_participants_are_moved_and_its_spaces_get_a_new_origin(
+    fleet: Callable[..., asyncio.Future[MediaNode]], apps: AppFactory, rooms: RoomsRecorder
+) -> None:
+    survivor, doomed = await fleet("media-a", capacity=10), await fleet("media-b", capacity=1000)
+    await survivor.open_space(SPACE, record=False)
+    # Make the doomed node the origin (the survivor is busier).
+    await survivor.registry.claim_origin(SPACE, "media-b", replacing="media-a")
+    await connect(doomed, apps("alice", Tone(440, 0.3)), "alice", publish=True)
+    await connect(doomed, apps("bob"), "bob")
+    assert await eventually(lambda: len(rooms.changes) >= 2, 3.0)
+
+    # A crash: the node stops reporting and forwarding, and never deregisters.
+    t0 = time.monotonic()
+    for task in doomed._tasks:
+        task.cancel()
+    doomed.engine.on_session_state = None  # a dead process updates nothing on its way out
+    await doomed.engine.close()
+
+    assert await eventually(lambda: any(r[3] == "media-b" for r in rooms.reconnects), 8.0)
+    print(f"dead node noticed and its participants moved after {time.monotonic() - t0:.1f} s")
+    space, moved, draining, source = next(r for r in rooms.reconnects if r[3] == "media-b")
+    assert (space, sorted(moved), draining) == (SPACE, ["alice", "bob"], False)
+    placement = await survivor.place(SPACE, "alice", may_publish=True, avoid="media-b")
+    assert placement.node.node_id == "media-a", "the space moved to the survivor"
+    live, dead = await survivor.registry.nodes()
+    assert [n.node_id for n in live] == ["media-a"] and dead == []
+
+
+async def test_a_draining_node_takes_no_one_and_asks_rooms_to_move_its_participants(
+    fleet: Callable[..., asyncio.Future[MediaNode]], apps: AppFactory, rooms: RoomsRecorder
+) -> None:
+    draining, spare = await fleet("media-a"), await fleet("media-b")
+    await draining.open_space(SPACE, record=False)
+    listener = apps("bob")
+    await connect(draining, listener, "bob")
+
+    await draining.drain(grace_s=2.0)
+    stats = await spare.registry.node("media-a")
+    assert stats is not None and stats.draining and stats.drain_deadline is not None
+    assert await eventually(lambda: "bob" in sum((r[1] for r in rooms.reconnects), []), 3.0)
+    assert all(r[2] for r in rooms.reconnects), "the reason is a drain"
+    placement = await spare.place(SPACE, "carol", may_publish=False, avoid=None)
+    assert placement.node.node_id == "media-b", "the space moved off the draining node"
+    with pytest.raises(FailedPrecondition) as refused:
+        await connect(draining, apps("dave"), "dave")
+    assert refused.value.reason == "NODE_UNAVAILABLE"
+
+    await listener.close()  # the app moved away: the drain ends before its deadline
+    t0 = time.monotonic()
+    await draining.wait_drained()
+    assert time.monotonic() - t0 < 2.5
