@@ -29,7 +29,14 @@ from services.common.tasks import reraise_if_cancelling, stop_tasks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STREAM_PREFIX", "EventHandler", "StreamConsumer", "StreamEvent", "stream_name"]
+__all__ = [
+    "STREAM_PREFIX",
+    "EventHandler",
+    "StreamConsumer",
+    "StreamEvent",
+    "publish_event",
+    "stream_name",
+]
 
 STREAM_PREFIX = "spaces:events:"
 M = TypeVar("M", bound=Message)
@@ -39,6 +46,40 @@ _tracer = trace.get_tracer(__name__)
 def stream_name(service: str) -> str:
     """Return the stream a service's events go to: ``spaces:events:<service>``."""
     return STREAM_PREFIX + service
+
+
+async def publish_event(
+    client: redis.asyncio.Redis,
+    service: str,
+    event_type: str,
+    key: str,
+    payload: Message,
+    *,
+    event_id: str,
+    max_len: int = 1_000_000,
+) -> None:
+    """Append an event to a service's stream directly, for a service without a database
+    (media): the same fields the outbox relay writes, with an id the caller derives from
+    the event's subject so that a repeated publish is deduplicated by consumers.
+    """
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    fields: dict[str, str | bytes] = {
+        "id": event_id,
+        "type": event_type,
+        "key": key,
+        "ts": datetime.now().astimezone().isoformat(),
+        "payload_type": payload.DESCRIPTOR.full_name,
+        "data": payload.SerializeToString(),
+    }
+    if "traceparent" in carrier:
+        fields["traceparent"] = carrier["traceparent"]
+    await client.xadd(
+        stream_name(service),
+        fields,  # type: ignore[arg-type]
+        maxlen=max_len,
+        approximate=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ and placement sends every participant there, so nothing calls them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from google.protobuf import duration_pb2, timestamp_pb2
 from spaces.media.v1 import media_resources_pb2 as res
 from spaces.media.v1 import media_service_pb2 as pb
 from spaces.media.v1 import media_service_pb2_grpc as pb_grpc
@@ -28,14 +28,16 @@ from services.common.errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    Unavailable,
     Unimplemented,
 )
+from services.media.convert import node_stats, recording_message
 from services.media.node import MediaNode
-from services.media.registry import NodeInfo, ParticipantPermissions
+from services.media.registry import ParticipantPermissions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MediaApi", "NodeRuntime", "SpaceAccess", "node_stats"]
+__all__ = ["MediaApi", "NodeRuntime", "SpaceAccess"]
 
 _CHUNK_BYTES = 64 * 1024
 
@@ -73,39 +75,6 @@ def _participant(name: str) -> tuple[str, str]:
     """``spaces/{space}/participants/{participant}`` → (space, participant)."""
     parts = name.split("/")
     return parts[1], parts[3]
-
-
-def _timestamp(unix: float | None) -> timestamp_pb2.Timestamp | None:
-    if unix is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(unix * 1e9))
-    return stamp
-
-
-def node_stats(node: NodeInfo) -> res.NodeStats:
-    """A registry report as the API's ``NodeStats``."""
-    return res.NodeStats(
-        node=f"mediaNodes/{node.node_id}",
-        endpoint=node.endpoint,
-        state=res.NODE_STATE_DRAINING if node.draining else res.NODE_STATE_SERVING,
-        capacity=node.capacity,
-        load=node.load,
-        publisher_count=node.publishers,
-        listener_count=node.listeners,
-        relay_count=node.relays,
-        spaces=[
-            res.SpaceLoad(
-                space=f"spaces/{share.space}",
-                role=res.NODE_ROLE_ORIGIN if share.origin else res.NODE_ROLE_EDGE,
-                publisher_count=share.publishers,
-                listener_count=share.listeners,
-            )
-            for share in node.spaces
-        ],
-        report_time=_timestamp(node.report_time),
-        drain_deadline_time=_timestamp(node.drain_deadline),
-    )
 
 
 class MediaApi(pb_grpc.MediaServiceServicer):
@@ -196,7 +165,14 @@ class MediaApi(pb_grpc.MediaServiceServicer):
     # -- recordings (apps) -------------------------------------------------------------
 
     async def _recordings(self, space: str) -> list[res.Recording]:
-        return [_recording(space, item) for item in await self._node.registry.recordings(space)]
+        items = await self._node.registry.recordings(space)
+        now = time.time()
+        # Expired recordings are gone for apps (their node deletes the files).
+        return [
+            recording_message(space, item)
+            for item in items
+            if item.get("expire_time") is None or float(item["expire_time"]) > now
+        ]
 
     async def _recording(self, name: str) -> res.Recording:
         space, recording_id = name.split("/")[1], _last(name)
@@ -228,6 +204,12 @@ class MediaApi(pb_grpc.MediaServiceServicer):
         if recording.state != res.Recording.STATE_READY:
             raise FailedPrecondition("the recording is not ready", reason="RECORDING_NOT_READY")
         path = self._recordings_dir / recording.space.split("/")[1] / f"{_last(recording.name)}.ogg"
+        if not path.exists():
+            # Files live on the disk of the node that recorded them; a deployment with
+            # several nodes mounts one shared volume at MEDIA_RECORDINGS_DIR.
+            raise Unavailable(
+                "the recording's file is not on this media node", reason="RECORDING_NOT_LOCAL"
+            )
         size = path.stat().st_size
         if request.offset >= size:
             raise OutOfRange(
@@ -324,19 +306,3 @@ class MediaApi(pb_grpc.MediaServiceServicer):
             {"kind": "drain", "node": node_id, "grace": grace}
         )
         return pb.DrainNodeResponse(stats=node_stats(found))
-
-
-def _recording(space: str, item: dict[str, Any]) -> res.Recording:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(float(item.get("duration_s", 0.0)) * 1e9))
-    return res.Recording(
-        name=f"spaces/{space}/recordings/{item['id']}",
-        space=f"spaces/{space}",
-        format="audio/ogg; codecs=opus",
-        duration=duration,
-        size_bytes=int(item.get("size_bytes", 0)),
-        state=int(item.get("state", res.Recording.STATE_RECORDING)),  # type: ignore[arg-type]
-        create_time=_timestamp(item.get("create_time")),
-        ready_time=_timestamp(item.get("ready_time")),
-        expire_time=_timestamp(item.get("expire_time")),
-    )

@@ -175,6 +175,11 @@ class MediaEngine:
             if self.on_session_state is not None:
                 self.on_session_state(session, True)
 
+    def set_tap(self, space: str, tap: Callable[[str, int, bytes, float], None] | None) -> None:
+        """Hand every packet forwarded in the Space to ``tap`` (``None`` stops it); see
+        :attr:`services.media.room.Room.tap`."""
+        self._room(space).tap = tap
+
     def has_space(self, space: str) -> bool:
         """Whether this node holds media of the Space (sessions or permissions)."""
         return space in self._rooms
@@ -189,6 +194,11 @@ class MediaEngine:
         if room is None:
             return 0
         return sum(1 for s in room.sessions.values() if s.participant == participant)
+
+    def participant_count(self, space: str) -> int:
+        """Sessions (live or connecting) of the Space on this node."""
+        room = self._rooms.get(space)
+        return len(room.sessions) if room is not None else 0
 
     def sessions(self) -> list[Session]:
         """Every session on the node."""

@@ -109,6 +109,8 @@ class MediaRuntime:
                 heartbeat_s=settings.heartbeat_s,
                 drain_grace_s=settings.drain_grace_s,
                 levels_interval_s=settings.levels_interval_s,
+                recordings_dir=settings.recordings_dir,
+                recording_retention_s=settings.recording_retention_days * 86400,
             ),
         )
         await self._node.start()

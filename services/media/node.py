@@ -22,8 +22,13 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
+
+from spaces.media.v1 import media_events_pb2 as media_events
+from spaces.media.v1 import media_resources_pb2 as media_res
 
 from services.common.errors import (
     FailedPrecondition,
@@ -31,11 +36,15 @@ from services.common.errors import (
     PermissionDenied,
     Unavailable,
 )
+from services.common.events import publish_event
 from services.common.grants import MediaGrantVerifier
+from services.common.ids import new_id
 from services.common.tasks import reraise_if_cancelling, stop_tasks
+from services.media.convert import recording_message
 from services.media.engine import MediaEngine, Negotiation
 from services.media.levels import SpeakerLevel
 from services.media.placement import best_node, origin_usable
+from services.media.recording import SpaceRecorder
 from services.media.registry import (
     NodeInfo,
     NodeRegistry,
@@ -92,6 +101,8 @@ class NodeOptions:
     :param heartbeat_s: seconds between reports.
     :param drain_grace_s: default drain grace.
     :param levels_interval_s: seconds between level reports to rooms.
+    :param recordings_dir: where recordings are written (``None``: the node records none).
+    :param recording_retention_s: how long a finished recording stays available.
     """
 
     node_id: str
@@ -101,6 +112,8 @@ class NodeOptions:
     heartbeat_s: float = 1.0
     drain_grace_s: float = 300.0
     levels_interval_s: float = 0.25
+    recordings_dir: Path | None = None
+    recording_retention_s: float = 30 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +155,8 @@ class MediaNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._drained = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
+        self._recorders: dict[str, tuple[SpaceRecorder, dict[str, Any]]] = {}
+        self._next_purge = 0.0
         engine.on_session_state = self._session_state
 
     @property
@@ -173,6 +188,8 @@ class MediaNode:
         """Close every session, flush reports and leave the registry."""
         if self._drain_task is not None:
             self._drain_task.cancel()
+        for space in list(self._recorders):
+            await self._finish_recording(space)
         await self.engine.close()
         await self._flush_peer_states()
         await stop_tasks(self._tasks)
@@ -217,6 +234,9 @@ class MediaNode:
         while True:
             await self.registry.report(self.info())
             await self._recover_dead_nodes()
+            if time.monotonic() >= self._next_purge:
+                self._next_purge = time.monotonic() + 600.0
+                await asyncio.to_thread(self._purge_expired_recordings)
             await asyncio.sleep(self.options.heartbeat_s)
 
     async def _recover_dead_nodes(self) -> None:
@@ -283,7 +303,9 @@ class MediaNode:
             )
             await self._apply_permissions(space, str(message["participant"]), permissions)
         elif kind == "close":
-            await self.engine.close_space(space)
+            await self._close_local(space)
+        elif kind == "record" and self.engine.participant_count(space):
+            await self._start_recording(space)
 
     async def _apply_permissions(
         self, space: str, participant: str, permissions: ParticipantPermissions
@@ -315,6 +337,8 @@ class MediaNode:
         if record_now.origin and origin_usable(by_id.get(record_now.origin)):
             if record and not record_now.record:
                 await self.registry.set_recording(space)
+                # The origin starts recording now, not at its next negotiation.
+                await self.registry.publish_control({"kind": "record", "space": space})
             return record_now.origin
         return await self._claim_new_origin(space, nodes, record_now.origin, record=record)
 
@@ -408,6 +432,8 @@ class MediaNode:
                 "this media grant was already used; join again for a new one",
                 reason="GRANT_ALREADY_USED",
             )
+        if record.record:
+            await self._start_recording(grant.space_id)
         stored = await self.registry.permissions(grant.space_id, user_id)
         if stored is not None:
             await self._apply_permissions(grant.space_id, user_id, stored)
@@ -455,8 +481,97 @@ class MediaNode:
         """End the Space's media on every node; returns the sessions closed here."""
         sessions = sum(1 for s in self.engine.sessions() if s.room.space == space)
         await self.registry.close_space(space)
-        await self.engine.close_space(space)
+        await self._close_local(space)
         return sessions
+
+    async def _close_local(self, space: str) -> None:
+        await self.engine.close_space(space)
+        await self._finish_recording(space)
+
+    # -- recording -----------------------------------------------------------------------
+
+    async def _start_recording(self, space: str) -> None:
+        """Record the Space here (its origin) unless this node already does."""
+        if space in self._recorders or self.options.recordings_dir is None:
+            return
+        recording_id = new_id()
+        recorder = SpaceRecorder(self.options.recordings_dir / space / f"{recording_id}.ogg")
+        item: dict[str, Any] = {
+            "id": recording_id,
+            "node": self.node_id,
+            "create_time": time.time(),
+            "state": media_res.Recording.STATE_RECORDING,
+        }
+        self._recorders[space] = (recorder, item)
+        await asyncio.to_thread(recorder.start)
+        self.engine.set_tap(space, recorder.push)
+        await self.registry.put_recording(space, item)
+        logger.info("recording space %s as %s", space, recording_id)
+
+    async def _finish_recording(self, space: str) -> None:
+        """Close the Space's file, describe it in the registry and announce it."""
+        entry = self._recorders.pop(space, None)
+        if entry is None:
+            return
+        recorder, item = entry
+        if self.engine.has_space(space):
+            self.engine.set_tap(space, None)
+        await self.registry.put_recording(
+            space, item | {"state": media_res.Recording.STATE_FINALIZING}
+        )
+        result = await asyncio.to_thread(recorder.stop)
+        now = time.time()
+        done = item | {
+            "state": (
+                media_res.Recording.STATE_FAILED
+                if result.failed
+                else media_res.Recording.STATE_READY
+            ),
+            "size_bytes": result.size_bytes,
+            "duration_s": result.duration_s,
+            "ready_time": now,
+            "expire_time": now + self.options.recording_retention_s,
+        }
+        await self.registry.put_recording(space, done)
+        message = recording_message(space, done)
+        event: media_events.RecordingReadyEvent | media_events.RecordingFailedEvent
+        if result.failed:
+            event_type = "recording.failed"
+            event = media_events.RecordingFailedEvent(recording=message, reason="WRITE_FAILED")
+        else:
+            event_type = "recording.ready"
+            event = media_events.RecordingReadyEvent(recording=message)
+        event.event_time.FromSeconds(int(now))
+        await publish_event(
+            self.registry.redis,
+            "media",
+            event_type,
+            message.name,
+            event,
+            event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{message.name}/{event_type}")),
+        )
+        logger.info(
+            "recording %s of space %s is %s: %.1f s, %d bytes",
+            item["id"],
+            space,
+            event_type.split(".")[1],
+            result.duration_s,
+            result.size_bytes,
+        )
+
+    def _purge_expired_recordings(self) -> None:
+        """Delete recording files older than the retention (runs on a thread)."""
+        folder = self.options.recordings_dir
+        if folder is None or not folder.exists():
+            return
+        cutoff = time.time() - self.options.recording_retention_s
+        for path in folder.glob("*/*.ogg"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    logger.info("deleted expired recording %s", path)
+            except OSError as error:
+                logger.warning("could not purge %s: %s", path, error)
 
     # -- drain -------------------------------------------------------------------------
 

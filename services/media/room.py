@@ -84,6 +84,9 @@ class Room:
         self._publishers: dict[str, Publisher] = {}
         self._last_reselect = 0.0
         self.closed = False
+        self.tap: Callable[[str, int, bytes, float], None] | None = None
+        """Gets ``(participant, rtp_timestamp, opus_payload, received)`` of every packet
+        forwarded (the recorder of a recorded Space)."""
 
     # -- permissions ------------------------------------------------------------------
 
@@ -267,6 +270,8 @@ class Room:
             if not publisher.targets:
                 return
         marker, ssrc, seq, timestamp, payload = parsed
+        if self.tap is not None:
+            self.tap(publisher.participant, timestamp, bytes(payload), received)
         fanout = self.pool.fanout
         for group, lane in publisher.targets:
             rewritten = group.rewrite(lane, marker, ssrc, seq, timestamp, payload, received)

@@ -144,6 +144,12 @@ class MediaSettings(ServiceSettings):
         ),
     )
 
+    recording_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Days a finished recording stays playable before it is deleted. Default: 30.",
+    )
+
     @field_validator("node_id")
     @classmethod
     def _check_node_id(cls, value: str) -> str:

@@ -13,10 +13,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import redis.asyncio
 from aiortc import RTCSessionDescription
+from spaces.media.v1 import media_events_pb2 as media_events
+from spaces.media.v1 import media_resources_pb2 as media_res
 
 from services.common.errors import FailedPrecondition, PermissionDenied, Unavailable
 from services.common.grants import MediaGrantSigner, MediaGrantVerifier
@@ -65,12 +70,13 @@ def rooms() -> RoomsRecorder:
 
 @pytest.fixture
 async def fleet(
-    redis_client: redis.asyncio.Redis, rooms: RoomsRecorder
+    redis_client: redis.asyncio.Redis, rooms: RoomsRecorder, tmp_path: Path
 ) -> AsyncIterator[Callable[[str], asyncio.Future[MediaNode]]]:
     """Start media nodes by id, all sharing the test's Redis database."""
     async with AsyncExitStack() as stack:
 
         async def start(node_id: str, capacity: int = 100) -> MediaNode:
+            recordings = tmp_path / "recordings" / node_id
             node = MediaNode(
                 MediaEngine(MediaConfig(rtcp_interval=0.5, levels_interval=0.1)),
                 NodeRegistry(redis_client, node_ttl_s=1.5),
@@ -83,6 +89,7 @@ async def fleet(
                     heartbeat_s=0.3,
                     drain_grace_s=2.0,
                     levels_interval_s=0.1,
+                    recordings_dir=recordings,
                 ),
             )
             await node.start()
@@ -307,3 +314,46 @@ async def test_a_draining_node_takes_no_one_and_asks_rooms_to_move_its_participa
     t0 = time.monotonic()
     await draining.wait_drained()
     assert time.monotonic() - t0 < 2.5
+
+
+async def test_a_recorded_space_becomes_one_playable_ogg_opus_file_of_its_speakers(
+    fleet: Callable[..., asyncio.Future[MediaNode]],
+    apps: AppFactory,
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    node = await fleet("media-a")
+    await node.open_space(SPACE, record=True)
+    listener = apps("bob")
+    await connect(node, apps("alice", Tone(440, 0.3)), "alice", publish=True)
+    await connect(node, listener, "bob")
+    assert await eventually(lambda: heard(listener, 440))
+    listed = await node.registry.recordings(SPACE)
+    assert [item["state"] for item in listed] == [media_res.Recording.STATE_RECORDING]
+    await asyncio.sleep(2.0)
+
+    await node.close_space(SPACE)
+    (item,) = await node.registry.recordings(SPACE)
+    assert item["state"] == media_res.Recording.STATE_READY, item
+    assert item["duration_s"] >= 2.0 and item["size_bytes"] > 1000
+    assert item["expire_time"] - item["ready_time"] == pytest.approx(30 * 86400)
+
+    path = node.options.recordings_dir / SPACE / f"{item['id']}.ogg"  # type: ignore[operator]
+    with av.open(str(path)) as played:
+        stream = played.streams.audio[0]
+        assert stream.codec_context.name == "opus"
+        pcm = np.concatenate(
+            [frame.to_ndarray().reshape(-1) for frame in played.decode(stream)]
+        ).astype(np.float64)
+    assert len(pcm) / 48000 == pytest.approx(item["duration_s"], abs=0.1)
+    loud = pcm[np.abs(pcm) > 0.05]
+    assert len(loud) > 48000, "over a second of the speaker's tone"
+    tail = pcm[-48000:]
+    spectrum = np.abs(np.fft.rfft(tail * np.hanning(len(tail))))
+    assert abs(np.argmax(spectrum) * 48000 / len(tail) - 440) < 5, "the tone, mixed once"
+
+    entries = await redis_client.xrange("spaces:events:media")
+    (entry_id, fields), *_ = entries
+    assert fields[b"type"] == b"recording.ready"
+    event = media_events.RecordingReadyEvent.FromString(fields[b"data"])
+    assert event.recording.name == f"spaces/{SPACE}/recordings/{item['id']}"
+    assert event.recording.state == media_res.Recording.STATE_READY
