@@ -25,6 +25,7 @@ from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
 from services.common.clients import CallIdentity, call_as
 from services.common.errors import NotFound, PermissionDenied, Unavailable
+from services.media.captions import CaptionSegmentData
 from services.media.levels import SpeakerLevel
 from services.media.node import PeerChange
 
@@ -126,6 +127,29 @@ class GrpcRooms:
             ),
             timeout=10.0,
         )
+
+    async def post_caption(self, space: str, segment: CaptionSegmentData) -> None:
+        """Send a caption segment to the Space's watchers who turned captions on."""
+        message = rooms_res.CaptionSegment(
+            segment_id=segment.segment_id,
+            speaker=_participant(space, segment.participant),
+            text=segment.text,
+            final=segment.final,
+            language_code="en-US",
+        )
+        message.start_offset.FromNanoseconds(int(segment.start_offset_s * 1e9))
+        message.end_offset.FromNanoseconds(int(segment.end_offset_s * 1e9))
+        try:
+            await self._stub.PostCaptionSegment(
+                rooms_pb.PostCaptionSegmentRequest(name=f"spaces/{space}", segment=message),
+                timeout=_REPORT_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND,
+            ):
+                raise
 
 
 class GrpcSpaceAccess:

@@ -111,6 +111,7 @@ class MediaRuntime:
                 levels_interval_s=settings.levels_interval_s,
                 recordings_dir=settings.recordings_dir,
                 recording_retention_s=settings.recording_retention_days * 86400,
+                captions=settings.captions,
             ),
         )
         await self._node.start()

@@ -40,6 +40,7 @@ from services.common.events import publish_event
 from services.common.grants import MediaGrantVerifier
 from services.common.ids import new_id
 from services.common.tasks import reraise_if_cancelling, stop_tasks
+from services.media.captions import CaptionSegmentData, CaptionWorker
 from services.media.convert import recording_message
 from services.media.engine import MediaEngine, Negotiation
 from services.media.levels import SpeakerLevel
@@ -89,6 +90,9 @@ class RoomsLink(Protocol):
     ) -> None:
         """Ask rooms to place participants again and send them a media-reconnect event."""
 
+    async def post_caption(self, space: str, segment: CaptionSegmentData) -> None:
+        """A live caption segment."""
+
 
 @dataclasses.dataclass(frozen=True)
 class NodeOptions:
@@ -103,6 +107,7 @@ class NodeOptions:
     :param levels_interval_s: seconds between level reports to rooms.
     :param recordings_dir: where recordings are written (``None``: the node records none).
     :param recording_retention_s: how long a finished recording stays available.
+    :param captions: whether this node runs live captions for the Spaces it originates.
     """
 
     node_id: str
@@ -114,6 +119,7 @@ class NodeOptions:
     levels_interval_s: float = 0.25
     recordings_dir: Path | None = None
     recording_retention_s: float = 30 * 24 * 3600.0
+    captions: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +162,7 @@ class MediaNode:
         self._drained = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
         self._recorders: dict[str, tuple[SpaceRecorder, dict[str, Any]]] = {}
+        self._captions: dict[str, CaptionWorker] = {}
         self._next_purge = 0.0
         engine.on_session_state = self._session_state
 
@@ -190,6 +197,8 @@ class MediaNode:
             self._drain_task.cancel()
         for space in list(self._recorders):
             await self._finish_recording(space)
+        for space in list(self._captions):
+            await self._stop_captions(space)
         await self.engine.close()
         await self._flush_peer_states()
         await stop_tasks(self._tasks)
@@ -434,6 +443,8 @@ class MediaNode:
             )
         if record.record:
             await self._start_recording(grant.space_id)
+        if self.options.captions:
+            await self._start_captions(grant.space_id, record.open_time or time.time())
         stored = await self.registry.permissions(grant.space_id, user_id)
         if stored is not None:
             await self._apply_permissions(grant.space_id, user_id, stored)
@@ -487,6 +498,47 @@ class MediaNode:
     async def _close_local(self, space: str) -> None:
         await self.engine.close_space(space)
         await self._finish_recording(space)
+        await self._stop_captions(space)
+
+    def _update_tap(self, space: str) -> None:
+        """Hand the Space's forwarded packets to its recorder and caption worker."""
+        taps = []
+        if space in self._recorders:
+            taps.append(self._recorders[space][0].push)
+        if space in self._captions:
+            taps.append(self._captions[space].push)
+        if not taps:
+            if self.engine.has_space(space):
+                self.engine.set_tap(space, None)
+        elif len(taps) == 1:
+            self.engine.set_tap(space, taps[0])
+        else:
+
+            def both(participant: str, timestamp: int, payload: bytes, received: float) -> None:
+                for tap in taps:
+                    tap(participant, timestamp, payload, received)
+
+            self.engine.set_tap(space, both)
+
+    # -- captions ------------------------------------------------------------------------
+
+    async def _start_captions(self, space: str, origin_time: float) -> None:
+        if space in self._captions:
+            return
+
+        async def post(segment: CaptionSegmentData) -> None:
+            await self.rooms.post_caption(space, segment)
+
+        worker = CaptionWorker(space, post, asyncio.get_running_loop(), origin_time=origin_time)
+        self._captions[space] = worker
+        worker.start()
+        self._update_tap(space)
+
+    async def _stop_captions(self, space: str) -> None:
+        worker = self._captions.pop(space, None)
+        if worker is not None:
+            self._update_tap(space)
+            await asyncio.to_thread(worker.stop)
 
     # -- recording -----------------------------------------------------------------------
 
@@ -504,7 +556,7 @@ class MediaNode:
         }
         self._recorders[space] = (recorder, item)
         await asyncio.to_thread(recorder.start)
-        self.engine.set_tap(space, recorder.push)
+        self._update_tap(space)
         await self.registry.put_recording(space, item)
         logger.info("recording space %s as %s", space, recording_id)
 
@@ -514,8 +566,7 @@ class MediaNode:
         if entry is None:
             return
         recorder, item = entry
-        if self.engine.has_space(space):
-            self.engine.set_tap(space, None)
+        self._update_tap(space)
         await self.registry.put_recording(
             space, item | {"state": media_res.Recording.STATE_FINALIZING}
         )

@@ -150,6 +150,14 @@ class MediaSettings(ServiceSettings):
         description="Days a finished recording stays playable before it is deleted. Default: 30.",
     )
 
+    captions: bool = Field(
+        default=False,
+        description=(
+            "Run live captions (offline English recognition, about a third of a core per "
+            "speaker) for the Spaces this node originates. Default: false."
+        ),
+    )
+
     @field_validator("node_id")
     @classmethod
     def _check_node_id(cls, value: str) -> str:

@@ -56,6 +56,37 @@ class Tone(MediaStreamTrack):
         return frame
 
 
+class Speech(MediaStreamTrack):
+    """A microphone playing recorded speech (48 kHz mono samples) once, then silence."""
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray, lead_silence_s: float = 0.5) -> None:
+        super().__init__()
+        lead = np.zeros(int(lead_silence_s * RATE), dtype=np.int16)
+        self.samples = np.concatenate([lead, samples.astype(np.int16)])
+        self._sample = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        delay = self._start + self._sample / RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        chunk = self.samples[self._sample : self._sample + FRAME]
+        pcm = np.zeros(FRAME, dtype=np.int16)
+        pcm[: len(chunk)] = chunk
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._sample
+        frame.time_base = TIME_BASE
+        self._sample += FRAME
+        return frame
+
+
 @dataclass
 class SlotRecord:
     """What one slot played: per decoded frame, arrival time, RMS and samples."""

@@ -8,6 +8,8 @@ here; the stack test covers the real rooms.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -25,13 +27,14 @@ from spaces.media.v1 import media_resources_pb2 as media_res
 
 from services.common.errors import FailedPrecondition, PermissionDenied, Unavailable
 from services.common.grants import MediaGrantSigner, MediaGrantVerifier
+from services.media.captions import CaptionSegmentData
 from services.media.config import MediaConfig
 from services.media.engine import MediaEngine
 from services.media.levels import SpeakerLevel
 from services.media.node import MediaNode, NodeOptions, PeerChange
 from services.media.registry import NodeRegistry, ParticipantPermissions
 from tests.integration.media.conftest import AppFactory
-from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard
+from tests.integration.media.peers import App, SlotRecorder, Speech, Tone, eventually, heard
 
 SECRET = "media-grant-secret-for-tests-0123456789abcdef"
 SPACE = "space-1"
@@ -45,6 +48,10 @@ class RoomsRecorder:
     changes: list[PeerChange] = field(default_factory=list)
     levels: list[tuple[str, list[SpeakerLevel]]] = field(default_factory=list)
     reconnects: list[tuple[str, list[str], bool, str]] = field(default_factory=list)
+    captions: list[tuple[str, CaptionSegmentData]] = field(default_factory=list)
+
+    async def post_caption(self, space: str, segment: CaptionSegmentData) -> None:
+        self.captions.append((space, segment))
 
     async def report_peer_states(self, node: str, changes: Sequence[PeerChange]) -> None:
         self.changes.extend(changes)
@@ -75,7 +82,7 @@ async def fleet(
     """Start media nodes by id, all sharing the test's Redis database."""
     async with AsyncExitStack() as stack:
 
-        async def start(node_id: str, capacity: int = 100) -> MediaNode:
+        async def start(node_id: str, capacity: int = 100, captions: bool = False) -> MediaNode:
             recordings = tmp_path / "recordings" / node_id
             node = MediaNode(
                 MediaEngine(MediaConfig(rtcp_interval=0.5, levels_interval=0.1)),
@@ -90,14 +97,17 @@ async def fleet(
                     drain_grace_s=2.0,
                     levels_interval_s=0.1,
                     recordings_dir=recordings,
+                    captions=captions,
                 ),
             )
             await node.start()
             stack.push_async_callback(node.stop)
             return node
 
-        def launch(node_id: str, capacity: int = 100) -> asyncio.Future[MediaNode]:
-            return asyncio.ensure_future(start(node_id, capacity))
+        def launch(
+            node_id: str, capacity: int = 100, captions: bool = False
+        ) -> asyncio.Future[MediaNode]:
+            return asyncio.ensure_future(start(node_id, capacity, captions))
 
         yield launch
 
@@ -357,3 +367,44 @@ async def test_a_recorded_space_becomes_one_playable_ogg_opus_file_of_its_speake
     event = media_events.RecordingReadyEvent.FromString(fields[b"data"])
     assert event.recording.name == f"spaces/{SPACE}/recordings/{item['id']}"
     assert event.recording.state == media_res.Recording.STATE_READY
+
+
+def spoken(text: str, tmp_path: Path) -> np.ndarray:
+    """``text`` spoken by espeak-ng, as 48 kHz 16-bit mono samples."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        pytest.skip("espeak-ng is missing: apt install espeak-ng (.ci/run installs it)")
+    wav = tmp_path / "speech.wav"
+    subprocess.run([espeak, "-s", "140", "-w", str(wav), text], check=True)
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
+    with av.open(str(wav)) as source:
+        chunks = [
+            out.to_ndarray().reshape(-1)
+            for frame in source.decode(audio=0)
+            for out in resampler.resample(frame)
+        ]
+    return np.concatenate(chunks)
+
+
+async def test_live_captions_recognize_a_speaker_and_reach_rooms(
+    fleet: Callable[..., asyncio.Future[MediaNode]],
+    apps: AppFactory,
+    rooms: RoomsRecorder,
+    tmp_path: Path,
+) -> None:
+    speech = spoken("hello everyone welcome to the space today we talk about music", tmp_path)
+    node = await fleet("media-a", captions=True)
+    await node.open_space(SPACE, record=False)
+    await connect(node, apps("alice", Speech(speech, lead_silence_s=1.0)), "alice", publish=True)
+    await connect(node, apps("bob"), "bob")
+
+    def final_text() -> str:
+        return " ".join(s.text for _, s in rooms.captions if s.final)
+
+    # Recognition runs behind real time on a busy machine: allow it time.
+    assert await eventually(lambda: bool(final_text()), timeout=60.0), rooms.captions
+    words = set(final_text().split())
+    print(f"captions: {final_text()!r}")
+    assert words & {"hello", "everyone", "welcome", "space", "talk", "music", "today"}, words
+    segment = next(s for _, s in rooms.captions if s.final)
+    assert segment.participant == "alice" and segment.end_offset_s >= segment.start_offset_s
