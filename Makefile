@@ -13,7 +13,7 @@ PROTO_STAMP := build/gen/.stamp
 BUF := node_modules/.bin/buf
 PYTEST_ARGS ?=
 
-.PHONY: all install proto lint format test test-resilience up bench lock clean docs
+.PHONY: all install proto lint format test test-resilience up bench lock clean docs chart
 
 all: test
 
@@ -49,7 +49,7 @@ docs: $(PROTO_STAMP)
 lint: $(PROTO_STAMP) $(NODE_INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services tools
+	$(VENV)/bin/mypy services tools deploy/docker
 	$(BUF) lint build/spaces.binpb --path spaces --config buf.yaml
 	$(PY) -m tools.buf_breaking
 
@@ -63,6 +63,10 @@ test: lint
 test-resilience: $(PROTO_STAMP)
 	@# Exit code 5 means no scenario was collected yet; anything else is a real result.
 	$(PY) -m pytest -q -m resilience $(PYTEST_ARGS) tests/resilience || [ $$? -eq 5 ]
+
+# The Helm chart, dashboards and image checks alone (they also run in `make test`).
+chart: $(PROTO_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/chart
 
 up: $(PROTO_STAMP)
 	$(PY) -m tools.devstack

@@ -28,6 +28,7 @@ __all__ = [
     "PACKETS_RECEIVED",
     "PACKETS_SENT",
     "PEERS",
+    "RELAY_STREAMS",
     "RECEIVER_JITTER",
     "RECEIVER_LOSS",
     "ROUND_TRIP_TIME",
@@ -176,6 +177,10 @@ PEERS = Gauge(
     "spaces_media_peers",
     "Connected media sessions by role (publisher: may publish; listener: may not).",
     ["role"],
+)
+RELAY_STREAMS = Gauge(
+    "spaces_media_relay_streams",
+    "Relay streams this node pulls from origins or serves to edges (0 until relays exist).",
 )
 SLOT_SWITCHES = Counter(
     "spaces_media_slot_switches",
