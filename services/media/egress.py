@@ -38,6 +38,7 @@ import cffi  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 import pylibsrtp
+from opentelemetry import trace
 
 from services.media.metrics import (
     BYTES_SENT,
@@ -56,6 +57,11 @@ from services.media.srtp_fastpath import (
 )
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+TRACE_EVERY = 5000
+"""One fan-out in this many becomes a ``media.forward`` span (a sample of the packet path:
+ingress to the last listener's send, with the fan-out size)."""
 
 __all__ = [
     "MAX_PLAINTEXT",
@@ -173,6 +179,7 @@ class ShardPlan:
         self._index: dict[EgressHandle, int] = {}
         self._srtp_ptrs: list[Any] = []
         self._chunks: list[tuple[int, int, list[Any], list[Any], list[Any]]] | None = None
+        self._until_trace = TRACE_EVERY
         self._allocate(capacity)
 
     def __len__(self) -> int:
@@ -285,6 +292,10 @@ class ShardPlan:
                 observe(perf_counter() - received, sent)
             sent_total += sent
             bytes_total += nbytes
+        self._until_trace -= 1
+        if self._until_trace <= 0:
+            self._until_trace = TRACE_EVERY
+            _trace_fanout(received, sent_total, bytes_total, len(self.handles))
         return sent_total, bytes_total
 
     def _bytes(self, a: int, b: int) -> int:
@@ -573,3 +584,14 @@ class FallbackSender:
             await self._task
         except asyncio.CancelledError:
             pass
+
+
+def _trace_fanout(received: float, sent: int, nbytes: int, listeners: int) -> None:
+    """Record one sampled fan-out as a span from the packet's arrival to now."""
+    now_ns = time.time_ns()
+    start_ns = now_ns - int((time.perf_counter() - received) * 1e9)
+    span = _tracer.start_span("media.forward", start_time=start_ns)
+    span.set_attribute("spaces.media.listeners", listeners)
+    span.set_attribute("spaces.media.packets_sent", sent)
+    span.set_attribute("spaces.media.bytes_sent", nbytes)
+    span.end(end_time=now_ns)

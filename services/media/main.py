@@ -112,6 +112,7 @@ class MediaRuntime:
                 recordings_dir=settings.recordings_dir,
                 recording_retention_s=settings.recording_retention_days * 86400,
                 captions=settings.captions,
+                max_negotiations=settings.max_negotiations,
             ),
         )
         await self._node.start()

@@ -34,6 +34,7 @@ from services.common.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from services.common.events import publish_event
@@ -108,6 +109,9 @@ class NodeOptions:
     :param recordings_dir: where recordings are written (``None``: the node records none).
     :param recording_retention_s: how long a finished recording stays available.
     :param captions: whether this node runs live captions for the Spaces it originates.
+    :param max_negotiations: negotiations (SDP + ICE gathering + session set-up) in
+        progress at once; more are refused with RESOURCE_EXHAUSTED and a retry delay, so a
+        crowd joining at once cannot starve forwarding.
     """
 
     node_id: str
@@ -120,6 +124,7 @@ class NodeOptions:
     recordings_dir: Path | None = None
     recording_retention_s: float = 30 * 24 * 3600.0
     captions: bool = False
+    max_negotiations: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +168,7 @@ class MediaNode:
         self._drain_task: asyncio.Task[None] | None = None
         self._recorders: dict[str, tuple[SpaceRecorder, dict[str, Any]]] = {}
         self._captions: dict[str, CaptionWorker] = {}
+        self._negotiating = 0
         self._next_purge = 0.0
         engine.on_session_state = self._session_state
 
@@ -428,29 +434,42 @@ class MediaNode:
                 "this media node is draining; join again for a new placement",
                 reason="NODE_UNAVAILABLE",
             )
-        record = await self.registry.space(grant.space_id)
-        if record.closed:
-            raise FailedPrecondition("the space has ended", reason="SPACE_ENDED")
-        if record.origin != self.node_id:
-            raise FailedPrecondition(
-                "this node does not serve the space; join again for a new placement",
-                reason="NODE_UNAVAILABLE",
+        if self._negotiating >= self.options.max_negotiations:
+            # Before the grant is spent: the app retries with the same grant.
+            raise ResourceExhausted(
+                "this media node is busy opening sessions; retry in a moment",
+                reason="NEGOTIATIONS_BUSY",
+                quota_subject="media node",
+                quota_description=f"{self.options.max_negotiations} negotiations at once",
+                retry_after=1.0,
             )
-        if not await self.registry.use_grant(grant.nonce, grant.expire_time.timestamp()):
-            raise PermissionDenied(
-                "this media grant was already used; join again for a new one",
-                reason="GRANT_ALREADY_USED",
+        self._negotiating += 1  # held from here: the checks below await
+        try:
+            record = await self.registry.space(grant.space_id)
+            if record.closed:
+                raise FailedPrecondition("the space has ended", reason="SPACE_ENDED")
+            if record.origin != self.node_id:
+                raise FailedPrecondition(
+                    "this node does not serve the space; join again for a new placement",
+                    reason="NODE_UNAVAILABLE",
+                )
+            if not await self.registry.use_grant(grant.nonce, grant.expire_time.timestamp()):
+                raise PermissionDenied(
+                    "this media grant was already used; join again for a new one",
+                    reason="GRANT_ALREADY_USED",
+                )
+            if record.record:
+                await self._start_recording(grant.space_id)
+            if self.options.captions:
+                await self._start_captions(grant.space_id, record.open_time or time.time())
+            stored = await self.registry.permissions(grant.space_id, user_id)
+            if stored is not None:
+                await self._apply_permissions(grant.space_id, user_id, stored)
+            negotiation = await self.engine.negotiate(
+                grant.space_id, user_id, offer, may_publish=grant.may_publish
             )
-        if record.record:
-            await self._start_recording(grant.space_id)
-        if self.options.captions:
-            await self._start_captions(grant.space_id, record.open_time or time.time())
-        stored = await self.registry.permissions(grant.space_id, user_id)
-        if stored is not None:
-            await self._apply_permissions(grant.space_id, user_id, stored)
-        negotiation = await self.engine.negotiate(
-            grant.space_id, user_id, offer, may_publish=grant.may_publish
-        )
+        finally:
+            self._negotiating -= 1
         return negotiation, record
 
     def owned_session(self, session_id: str, user_id: str | None) -> Session:

@@ -150,6 +150,14 @@ class MediaSettings(ServiceSettings):
         description="Days a finished recording stays playable before it is deleted. Default: 30.",
     )
 
+    max_negotiations: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "Session negotiations in progress at once; more get RESOURCE_EXHAUSTED with a "
+            "retry delay. Default: 32."
+        ),
+    )
     captions: bool = Field(
         default=False,
         description=(

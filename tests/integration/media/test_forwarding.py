@@ -228,3 +228,30 @@ async def test_sessions_off_the_mux_use_aiortcs_own_paths(
     t0 = time.monotonic()
     await asyncio.sleep(0.6)
     assert all(rms < SILENCE_RMS for rms in listener.slots[0].since(t0 + 0.2))
+
+
+async def test_a_sample_of_fanouts_is_traced_from_arrival_to_send(
+    engine: MediaEngine, apps: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.media import egress
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(egress, "_tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(egress, "TRACE_EVERY", 10)
+
+    await apps("alice", Tone(440, 0.3)).join(engine, SPACE, may_publish=True)
+    listeners = [await apps(f"l{i}").join(engine, SPACE, may_publish=False) for i in range(2)]
+    assert await eventually(lambda: all(heard(app, 440) for app in listeners))
+    assert await eventually(lambda: len(exporter.get_finished_spans()) >= 2)
+
+    span = exporter.get_finished_spans()[-1]
+    assert span.name == "media.forward"
+    assert span.attributes is not None and span.attributes["spaces.media.listeners"] == 2
+    assert span.start_time is not None and span.end_time is not None
+    assert 0 < span.end_time - span.start_time < 1e9, "arrival to send, well under a second"

@@ -25,7 +25,12 @@ from aiortc import RTCSessionDescription
 from spaces.media.v1 import media_events_pb2 as media_events
 from spaces.media.v1 import media_resources_pb2 as media_res
 
-from services.common.errors import FailedPrecondition, PermissionDenied, Unavailable
+from services.common.errors import (
+    FailedPrecondition,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.grants import MediaGrantSigner, MediaGrantVerifier
 from services.media.captions import CaptionSegmentData
 from services.media.config import MediaConfig
@@ -82,7 +87,9 @@ async def fleet(
     """Start media nodes by id, all sharing the test's Redis database."""
     async with AsyncExitStack() as stack:
 
-        async def start(node_id: str, capacity: int = 100, captions: bool = False) -> MediaNode:
+        async def start(
+            node_id: str, capacity: int = 100, captions: bool = False, negotiations: int = 32
+        ) -> MediaNode:
             recordings = tmp_path / "recordings" / node_id
             node = MediaNode(
                 MediaEngine(MediaConfig(rtcp_interval=0.5, levels_interval=0.1)),
@@ -98,6 +105,7 @@ async def fleet(
                     levels_interval_s=0.1,
                     recordings_dir=recordings,
                     captions=captions,
+                    max_negotiations=negotiations,
                 ),
             )
             await node.start()
@@ -105,9 +113,9 @@ async def fleet(
             return node
 
         def launch(
-            node_id: str, capacity: int = 100, captions: bool = False
+            node_id: str, capacity: int = 100, captions: bool = False, negotiations: int = 32
         ) -> asyncio.Future[MediaNode]:
-            return asyncio.ensure_future(start(node_id, capacity, captions))
+            return asyncio.ensure_future(start(node_id, capacity, captions, negotiations))
 
         yield launch
 
@@ -408,3 +416,26 @@ async def test_live_captions_recognize_a_speaker_and_reach_rooms(
     assert words & {"hello", "everyone", "welcome", "space", "talk", "music", "today"}, words
     segment = next(s for _, s in rooms.captions if s.final)
     assert segment.participant == "alice" and segment.end_offset_s >= segment.start_offset_s
+
+
+async def test_a_crowd_negotiating_at_once_is_told_to_retry_and_keeps_its_grants(
+    fleet: Callable[..., asyncio.Future[MediaNode]], apps: AppFactory
+) -> None:
+    node = await fleet("media-a", negotiations=2)
+    await node.open_space(SPACE, record=False)
+    crowd = [apps(f"u{i}") for i in range(6)]
+    offers = []
+    for app in crowd:
+        await app.pc.setLocalDescription(await app.pc.createOffer())
+        offers.append(app.pc.localDescription.sdp)
+    grants = [grant(f"u{i}", "media-a") for i in range(6)]
+    results = await asyncio.gather(
+        *(node.negotiate(f"u{i}", node.name, grants[i], offers[i]) for i in range(6)),
+        return_exceptions=True,
+    )
+    busy = [i for i, r in enumerate(results) if isinstance(r, ResourceExhausted)]
+    assert busy, "more than 2 at once are refused"
+    assert all(results[i].reason == "NEGOTIATIONS_BUSY" for i in busy)  # type: ignore[union-attr]
+    assert all(not isinstance(r, Exception) or i in busy for i, r in enumerate(results))
+    retried = await node.negotiate(f"u{busy[0]}", node.name, grants[busy[0]], offers[busy[0]])
+    assert retried[0].session, "a refused app retries with the same grant"
