@@ -25,11 +25,11 @@ from services.common.auth import Principal
 from services.common.context import current_principal
 from services.common.errors import (
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     OutOfRange,
     PermissionDenied,
     Unavailable,
-    Unimplemented,
 )
 from services.media.convert import node_stats, recording_message
 from services.media.node import MediaNode
@@ -273,12 +273,37 @@ class MediaApi(pb_grpc.MediaServiceServicer):
         )
 
     async def OpenRelay(self, request: pb.OpenRelayRequest, context: Any) -> pb.OpenRelayResponse:
-        raise Unimplemented("relays between media nodes are not served yet", reason="NO_RELAYS")
+        if not request.all_active_speakers:
+            raise InvalidArgument(
+                "this node relays the active speakers only (all_active_speakers)",
+                reason="FIXED_RELAYS_UNSUPPORTED",
+            )
+        space = _last(request.space)
+        result = await self._node.open_relay(
+            space, request.edge_node.removeprefix("mediaNodes/"), request.sdp_offer
+        )
+        session = self._node.engine.session(result.session)
+        streams = []
+        if session is not None:
+            speakers = self._node.engine.slot_speakers(space, session.participant)
+            for index, line in enumerate(session.layout.slots):
+                speaker = speakers[index] if index < len(speakers) else None
+                streams.append(
+                    res.RelayStream(
+                        participant=f"spaces/{space}/participants/{speaker}" if speaker else "",
+                        mid=line.mid,
+                        ssrc=session.room.slot_ssrcs[index],
+                    )
+                )
+        return pb.OpenRelayResponse(
+            relay=result.session, sdp_answer=result.sdp_answer, streams=streams
+        )
 
     async def CloseRelay(
         self, request: pb.CloseRelayRequest, context: Any
     ) -> pb.CloseRelayResponse:
-        raise Unimplemented("relays between media nodes are not served yet", reason="NO_RELAYS")
+        await self._node.close_served_relay(_last(request.space), request.relay)
+        return pb.CloseRelayResponse()
 
     # -- internal: operations ---------------------------------------------------------
 

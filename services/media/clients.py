@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
+from spaces.media.v1 import media_service_pb2 as media_pb
+from spaces.media.v1 import media_service_pb2_grpc as media_grpc
 from spaces.payments.v1 import payments_service_pb2 as payments_pb
 from spaces.payments.v1 import payments_service_pb2_grpc as payments_grpc
 from spaces.rooms.v1 import rooms_events_pb2 as rooms_events
@@ -23,7 +25,8 @@ from spaces.rooms.v1 import rooms_resources_pb2 as rooms_res
 from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
 from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
-from services.common.clients import CallIdentity, call_as
+from services.common.auth import ServiceTokenIssuer
+from services.common.clients import CallIdentity, call_as, create_channel
 from services.common.errors import NotFound, PermissionDenied, Unavailable
 from services.media.captions import CaptionSegmentData
 from services.media.levels import SpeakerLevel
@@ -31,7 +34,14 @@ from services.media.node import PeerChange
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GrpcRooms", "GrpcSpaceAccess", "ROOMS_IDEMPOTENT", "PAYMENTS_IDEMPOTENT"]
+__all__ = [
+    "MEDIA_IDEMPOTENT",
+    "PAYMENTS_IDEMPOTENT",
+    "ROOMS_IDEMPOTENT",
+    "GrpcNodeLink",
+    "GrpcRooms",
+    "GrpcSpaceAccess",
+]
 
 ROOMS_IDEMPOTENT = [
     "spaces.rooms.v1.RoomsService/GetSpace",
@@ -40,6 +50,11 @@ ROOMS_IDEMPOTENT = [
     "spaces.rooms.v1.RoomsService/RequestMediaReconnect",
 ]
 PAYMENTS_IDEMPOTENT = ["spaces.payments.v1.PaymentsService/CheckTicket"]
+# One relay per (Space, edge): opening again replaces it, closing again succeeds.
+MEDIA_IDEMPOTENT = [
+    "spaces.media.v1.MediaService/OpenRelay",
+    "spaces.media.v1.MediaService/CloseRelay",
+]
 _REPORT_TIMEOUT_S = 2.0
 
 
@@ -194,3 +209,50 @@ class GrpcSpaceAccess:
                 "this space is ticketed; buy a ticket to hear its recordings",
                 reason="TICKET_REQUIRED",
             )
+
+
+class GrpcNodeLink:
+    """Calls to other media nodes, one channel per node address (opened on first use).
+
+    :param issuer: media's service token issuer.
+    """
+
+    def __init__(self, issuer: ServiceTokenIssuer) -> None:
+        self._issuer = issuer
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> media_grpc.MediaServiceAsyncStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = create_channel(
+                address, idempotent_methods=MEDIA_IDEMPOTENT, token_issuer=self._issuer
+            )
+            self._channels[address] = channel
+        return media_grpc.MediaServiceStub(channel)
+
+    async def open_relay(
+        self, address: str, space: str, edge_node: str, sdp_offer: str
+    ) -> tuple[str, str]:
+        """OpenRelay on the origin at ``address``."""
+        response = await self._stub(address).OpenRelay(
+            media_pb.OpenRelayRequest(
+                space=f"spaces/{space}",
+                edge_node=f"mediaNodes/{edge_node}",
+                sdp_offer=sdp_offer,
+                all_active_speakers=True,
+            ),
+            timeout=10.0,
+        )
+        return response.relay, response.sdp_answer
+
+    async def close_relay(self, address: str, space: str, relay: str) -> None:
+        """CloseRelay on the origin at ``address``."""
+        await self._stub(address).CloseRelay(
+            media_pb.CloseRelayRequest(space=f"spaces/{space}", relay=relay), timeout=5.0
+        )
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()

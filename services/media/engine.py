@@ -180,6 +180,10 @@ class MediaEngine:
         :attr:`services.media.room.Room.tap`."""
         self._room(space).tap = tap
 
+    def room(self, space: str) -> Room:
+        """The Space's room on this node (created when missing)."""
+        return self._room(space)
+
     def has_space(self, space: str) -> bool:
         """Whether this node holds media of the Space (sessions or permissions)."""
         return space in self._rooms

@@ -28,6 +28,7 @@ from services.media.api import MediaApi
 from services.media.clients import (
     PAYMENTS_IDEMPOTENT,
     ROOMS_IDEMPOTENT,
+    GrpcNodeLink,
     GrpcRooms,
     GrpcSpaceAccess,
 )
@@ -64,6 +65,7 @@ class MediaRuntime:
         self._verifier = MediaGrantVerifier(grants.secret)
         self._issuer = ServiceTokenIssuer(SERVICE_NAME, common.internal_secret)
         self._node: MediaNode | None = None
+        self._node_link: GrpcNodeLink | None = None
         self._access: GrpcSpaceAccess | None = None
         self._redis: redis.asyncio.Redis | None = None
         self._channels: list[grpc.aio.Channel] = []
@@ -96,6 +98,7 @@ class MediaRuntime:
         self._channels = [rooms, payments]
         self._access = GrpcSpaceAccess(rooms, payments)
         address = settings.advertise_addr or f"{settings.grpc_host_for_peers}:{grpc_port}"
+        self._node_link = GrpcNodeLink(self._issuer)
         self._node = MediaNode(
             MediaEngine(settings.engine_config()),
             NodeRegistry(self._redis, settings.node_ttl_s),
@@ -114,6 +117,7 @@ class MediaRuntime:
                 captions=settings.captions,
                 max_negotiations=settings.max_negotiations,
             ),
+            self._node_link,
         )
         await self._node.start()
 
@@ -131,6 +135,9 @@ class MediaRuntime:
         for channel in self._channels:
             await channel.close(None)
         self._channels = []
+        if self._node_link is not None:
+            await self._node_link.close()
+            self._node_link = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -45,7 +45,8 @@ from services.media.captions import CaptionSegmentData, CaptionWorker
 from services.media.convert import recording_message
 from services.media.engine import MediaEngine, Negotiation
 from services.media.levels import SpeakerLevel
-from services.media.placement import best_node, origin_usable
+from services.media.metrics import RELAY_STREAMS
+from services.media.placement import best_edge, best_node, origin_usable
 from services.media.recording import SpaceRecorder
 from services.media.registry import (
     NodeInfo,
@@ -54,11 +55,12 @@ from services.media.registry import (
     SpaceRecord,
     SpaceShare,
 )
+from services.media.relay import RelayClient
 from services.media.session import Session
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MediaNode", "NodeOptions", "PeerChange", "Placement", "RoomsLink"]
+__all__ = ["MediaNode", "NodeLink", "NodeOptions", "PeerChange", "Placement", "RoomsLink"]
 
 _NO_CAPACITY_RETRY_S = 5.0
 _RECONNECT_CHUNK = 500
@@ -93,6 +95,18 @@ class RoomsLink(Protocol):
 
     async def post_caption(self, space: str, segment: CaptionSegmentData) -> None:
         """A live caption segment."""
+
+
+class NodeLink(Protocol):
+    """Calls from one media node to another (an edge to a Space's origin)."""
+
+    async def open_relay(
+        self, address: str, space: str, edge_node: str, sdp_offer: str
+    ) -> tuple[str, str]:
+        """OpenRelay on the node at ``address``; returns ``(relay id, SDP answer)``."""
+
+    async def close_relay(self, address: str, space: str, relay: str) -> None:
+        """CloseRelay on the node at ``address``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +157,8 @@ class MediaNode:
     :param grants: verifies media grants.
     :param rooms: where peer states, levels and reconnect requests go.
     :param options: identity and timing.
+    :param nodes: calls to other media nodes (relays); ``None``: this node is never an
+        edge.
     """
 
     def __init__(
@@ -152,6 +168,7 @@ class MediaNode:
         grants: MediaGrantVerifier,
         rooms: RoomsLink,
         options: NodeOptions,
+        nodes: NodeLink | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -169,6 +186,10 @@ class MediaNode:
         self._recorders: dict[str, tuple[SpaceRecorder, dict[str, Any]]] = {}
         self._captions: dict[str, CaptionWorker] = {}
         self._negotiating = 0
+        self.nodes = nodes
+        self._relays: dict[str, RelayClient] = {}
+        self._relay_locks: dict[str, asyncio.Lock] = {}
+        self._relay_idle_since: dict[str, float] = {}
         self._next_purge = 0.0
         engine.on_session_state = self._session_state
 
@@ -205,6 +226,8 @@ class MediaNode:
             await self._finish_recording(space)
         for space in list(self._captions):
             await self._stop_captions(space)
+        for space in list(self._relays):
+            await self._close_relay(space)
         await self.engine.close()
         await self._flush_peer_states()
         await stop_tasks(self._tasks)
@@ -236,17 +259,29 @@ class MediaNode:
             capacity=self.options.capacity,
             publishers=stats.publishers,
             listeners=stats.listeners,
-            relays=0,
+            relays=self._relay_stream_count(),
             report_time=time.time(),
             drain_deadline=self.drain_deadline,
             spaces=tuple(
-                SpaceShare(s.space, s.publishers, s.listeners, origin=s.publishers > 0)
+                SpaceShare(s.space, s.publishers, s.listeners, origin=s.space not in self._relays)
                 for s in stats.spaces
             ),
         )
 
+    def _relay_stream_count(self) -> int:
+        """Relay streams this node pulls (as an edge) plus those it serves (as an origin)."""
+        pulled = sum(relay.stream_count for relay in self._relays.values())
+        served = sum(
+            len(s.layout.slots)
+            for s in self.engine.sessions()
+            if s.participant.startswith("relay-")
+        )
+        RELAY_STREAMS.set(pulled + served)
+        return pulled + served
+
     async def _heartbeat_loop(self) -> None:
         while True:
+            await self._close_idle_relays()
             await self.registry.report(self.info())
             await self._recover_dead_nodes()
             if time.monotonic() >= self._next_purge:
@@ -402,10 +437,14 @@ class MediaNode:
         if origin is None:
             raise _no_capacity()
         # Publishers must reach the origin even when it is full of listeners.
-        if not may_publish and not origin.has_room:
+        if may_publish or origin.has_room:
+            await self.registry.add_pending(origin.node_id, space, participant)
+            return Placement(origin, origin=True)
+        edge = best_edge(nodes, space, origin=origin.node_id, avoid=avoid)
+        if edge is None:
             raise _no_capacity()
-        await self.registry.add_pending(origin.node_id, space, participant)
-        return Placement(origin, origin=True)
+        await self.registry.add_pending(edge.node_id, space, participant)
+        return Placement(edge, origin=False)
 
     # -- sessions (this node) ------------------------------------------------------------
 
@@ -449,18 +488,21 @@ class MediaNode:
             if record.closed:
                 raise FailedPrecondition("the space has ended", reason="SPACE_ENDED")
             if record.origin != self.node_id:
-                raise FailedPrecondition(
-                    "this node does not serve the space; join again for a new placement",
-                    reason="NODE_UNAVAILABLE",
-                )
+                # An edge: listeners only, fed by a relay from the origin.
+                if grant.may_publish or record.origin is None:
+                    raise FailedPrecondition(
+                        "this node does not serve the space; join again for a new placement",
+                        reason="NODE_UNAVAILABLE",
+                    )
+                await self._ensure_relay(grant.space_id, record.origin)
             if not await self.registry.use_grant(grant.nonce, grant.expire_time.timestamp()):
                 raise PermissionDenied(
                     "this media grant was already used; join again for a new one",
                     reason="GRANT_ALREADY_USED",
                 )
-            if record.record:
+            if record.record and record.origin == self.node_id:
                 await self._start_recording(grant.space_id)
-            if self.options.captions:
+            if self.options.captions and record.origin == self.node_id:
                 await self._start_captions(grant.space_id, record.open_time or time.time())
             stored = await self.registry.permissions(grant.space_id, user_id)
             if stored is not None:
@@ -515,6 +557,7 @@ class MediaNode:
         return sessions
 
     async def _close_local(self, space: str) -> None:
+        await self._close_relay(space)
         await self.engine.close_space(space)
         await self._finish_recording(space)
         await self._stop_captions(space)
@@ -643,6 +686,114 @@ class MediaNode:
             except OSError as error:
                 logger.warning("could not purge %s: %s", path, error)
 
+    # -- relays ------------------------------------------------------------------------
+
+    async def open_relay(self, space: str, edge_node: str, sdp_offer: str) -> Negotiation:
+        """Serve an edge's relay of a Space this node originates (OpenRelay).
+
+        :raises FailedPrecondition: ``NOT_ORIGIN``, ``SPACE_NOT_OPEN``.
+        """
+        record = await self.registry.space(space)
+        if record.closed or record.origin is None:
+            raise FailedPrecondition("media does not serve this space", reason="SPACE_NOT_OPEN")
+        if record.origin != self.node_id:
+            raise FailedPrecondition("this node is not the space's origin", reason="NOT_ORIGIN")
+        # The relay is one more listener of the origin (one per edge: a new one replaces it).
+        return await self.engine.negotiate(
+            space, f"relay-{edge_node}", sdp_offer, may_publish=False
+        )
+
+    async def close_served_relay(self, space: str, relay: str) -> None:
+        """Close a relay this node serves (CloseRelay); closing a closed one succeeds."""
+        session = self.engine.session(relay)
+        if session is not None and session.room.space == space:
+            await self.engine.leave(relay)
+
+    async def _ensure_relay(self, space: str, origin_id: str) -> None:
+        """Pull the Space from its origin unless this node already does."""
+        lock = self._relay_locks.setdefault(space, asyncio.Lock())
+        async with lock:
+            relay = self._relays.get(space)
+            if relay is not None and relay.origin == origin_id:
+                return
+            if relay is not None:
+                await self._close_relay(space)
+            origin = await self.registry.node(origin_id)
+            if origin is None or self.nodes is None:
+                raise FailedPrecondition(
+                    "the space's origin is unreachable; join again for a new placement",
+                    reason="NODE_UNAVAILABLE",
+                )
+            relay = RelayClient(
+                self.engine.room(space),
+                self.engine.config.slot_count,
+                lambda: self._relay_lost(space),
+            )
+            nodes = self.nodes
+
+            async def offer(sdp: str) -> tuple[str, str]:
+                return await nodes.open_relay(origin.address, space, self.node_id, sdp)
+
+            try:
+                await relay.open(origin_id, offer)
+            except BaseException:
+                await relay.close()
+                raise
+            self._relays[space] = relay
+            self._relay_idle_since.pop(space, None)
+
+    def _relay_lost(self, space: str) -> None:
+        """The origin went away or closed the relay: pull again from the current origin."""
+        if self._relays.get(space) is None:
+            return
+        logger.warning("relay of space %s lost; reopening", space)
+        self._relays.pop(space, None)
+        task = asyncio.get_running_loop().create_task(self._reopen_relay(space))
+        task.add_done_callback(_log_failure)
+
+    async def _reopen_relay(self, space: str) -> None:
+        for delay in (0.2, 0.5, 1.0, 2.0, 4.0, 8.0):
+            await asyncio.sleep(delay)
+            if not self.engine.participant_count(space):
+                return
+            record = await self.registry.space(space)
+            if record.closed or record.origin == self.node_id:
+                return
+            if record.origin is None:
+                continue
+            origin = await self.registry.node(record.origin)
+            if origin is None or origin.draining:
+                continue
+            try:
+                await self._ensure_relay(space, record.origin)
+                return
+            except Exception as error:
+                reraise_if_cancelling()
+                logger.warning("reopening the relay of %s failed: %s", space, error)
+
+    async def _close_relay(self, space: str) -> None:
+        relay = self._relays.pop(space, None)
+        if relay is None:
+            return
+        await relay.close()
+        origin = await self.registry.node(relay.origin)
+        if origin is not None and self.nodes is not None and relay.relay_id:
+            try:
+                await self.nodes.close_relay(origin.address, space, relay.relay_id)
+            except Exception as error:
+                reraise_if_cancelling()
+                logger.info("closing relay %s on %s: %s", relay.relay_id, relay.origin, error)
+
+    async def _close_idle_relays(self, idle_s: float = 10.0) -> None:
+        """Release relays of Spaces this node has had no listener of for ``idle_s``."""
+        now = time.monotonic()
+        for space in list(self._relays):
+            if self.engine.participant_count(space):
+                self._relay_idle_since.pop(space, None)
+            elif now - self._relay_idle_since.setdefault(space, now) >= idle_s:
+                self._relay_idle_since.pop(space, None)
+                await self._close_relay(space)
+
     # -- drain -------------------------------------------------------------------------
 
     async def drain(self, grace_s: float | None = None) -> None:
@@ -687,15 +838,27 @@ class MediaNode:
     # -- reports to rooms --------------------------------------------------------------
 
     def _session_state(self, session: Session, connected: bool) -> None:
+        if session.participant.startswith("relay-"):
+            return  # an edge node's relay, not a participant: rooms does not know it
         self._changes.append(
             PeerChange(session.room.space, session.participant, session.id, connected, time.time())
         )
         self._changes_ready.set()
-        registry_update = self.registry.peer_connected if connected else self.registry.peer_closed
         task = asyncio.get_running_loop().create_task(
-            registry_update(self.node_id, session.room.space, session.participant, session.id)
+            self._record_peer(session.room.space, session.participant, session.id, connected)
         )
         task.add_done_callback(_log_failure)
+
+    async def _record_peer(
+        self, space: str, participant: str, session_id: str, connected: bool
+    ) -> None:
+        """Update the registry: the peer, and the node's load at once (a connected peer
+        stops counting as pending, so the report must count it as connected now)."""
+        if connected:
+            await self.registry.peer_connected(self.node_id, space, participant, session_id)
+            await self.registry.report(self.info())
+        else:
+            await self.registry.peer_closed(self.node_id, space, participant, session_id)
 
     async def _peer_state_loop(self) -> None:
         while True:
@@ -721,7 +884,8 @@ class MediaNode:
     async def _levels_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.levels_interval_s)
-            for space in {s.room.space for s in self.engine.sessions()} | self._silent_spaces:
+            spaces = {s.room.space for s in self.engine.sessions()} | self._silent_spaces
+            for space in spaces - self._relays.keys():
                 levels = self.engine.levels(space)
                 if not levels and space in self._silent_spaces:
                     continue

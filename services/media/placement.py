@@ -6,9 +6,10 @@ without Redis; :class:`services.media.node.MediaNode` applies them with the regi
 * A new Space goes to the serving node with the lowest load that has room.
 * Publishers always connect to the Space's origin: the N-loudest selection needs every
   speaker's packets in one place.
-* Listeners connect to the origin while it has room. Listeners beyond that would go to
-  edge nodes pulling relay streams from the origin; until relays exist there is no edge,
-  and a full origin refuses more listeners (``NO_MEDIA_CAPACITY``, retry later).
+* Listeners connect to the origin while it has room, then to edge nodes, which pull one
+  relay of the Space from the origin: an edge that already serves the Space is preferred
+  (its relay is shared), then the least loaded node with room. With no room anywhere a
+  listener is refused (``NO_MEDIA_CAPACITY``, retry later).
 * An origin that died, or is draining, is replaced by the best other node: the next
   placement of the Space claims the origin role for it (compare-and-set in the registry,
   so concurrent placements agree) and everyone moves there.
@@ -23,7 +24,7 @@ from services.media.registry import NodeInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["best_node", "origin_usable"]
+__all__ = ["best_edge", "best_node", "origin_usable"]
 
 
 def best_node(nodes: Iterable[NodeInfo], *, avoid: str | None = None) -> NodeInfo | None:
@@ -40,3 +41,16 @@ def best_node(nodes: Iterable[NodeInfo], *, avoid: str | None = None) -> NodeInf
 def origin_usable(origin: NodeInfo | None, *, avoid: str | None = None) -> bool:
     """Whether a Space may stay on its origin: alive, not draining, not being left."""
     return origin is not None and not origin.draining and origin.node_id != avoid
+
+
+def best_edge(
+    nodes: Iterable[NodeInfo], space: str, *, origin: str, avoid: str | None = None
+) -> NodeInfo | None:
+    """The node a listener of a full origin goes to: one already serving the Space first."""
+    candidates = [n for n in nodes if n.has_room and n.node_id not in (origin, avoid)]
+    if not candidates:
+        return None
+    return min(
+        candidates,
+        key=lambda n: (not any(share.space == space for share in n.spaces), n.load, n.node_id),
+    )

@@ -75,6 +75,7 @@ class Room:
             ssrcs.add(self._rng.randrange(1, 1 << 32))
         self.slot_ssrcs = tuple(sorted(ssrcs, key=lambda _: self._rng.random()))
         self.permissions: dict[str, Permissions] = {}
+        self._feeds: dict[str, Publisher] = {}
         self.sessions: dict[str, Session] = {}
         self.live: dict[str, Session] = {}
         self._audience: dict[int, ForwardingGroup] = {}
@@ -260,6 +261,37 @@ class Room:
         publisher = session.publisher
         if publisher is None:
             return
+        self._forward(publisher, packet, received)
+
+    # -- relay feeds (an edge node's copy of the origin's speakers) ----------------------
+
+    def add_feed(self, feed: str, payload_type: int) -> None:
+        """Take a relay stream from the origin as one more publisher of this room.
+
+        On an edge node each stream of a relay (one origin slot: whoever the origin
+        forwards in it) is a feed; the edge's listeners get the feeds like speakers.
+        Feeds carry no audio level, so they rank equally; a relay has as many streams as
+        listeners have slots, so every feed is forwarded.
+        """
+        if feed not in self._feeds:
+            self._feeds[feed] = Publisher(feed, payload_type, None, time.perf_counter())
+            self._publishers[f"feed:{feed}"] = self._feeds[feed]
+            self.reselect(time.perf_counter())
+
+    def remove_feeds(self) -> None:
+        """Drop every feed (the relay closed)."""
+        for feed in self._feeds:
+            self._publishers.pop(f"feed:{feed}", None)
+        self._feeds.clear()
+        self.reselect(time.perf_counter())
+
+    def forward_feed(self, feed: str, packet: bytes, received: float) -> None:
+        """Forward one unprotected RTP packet of a relay stream."""
+        publisher = self._feeds.get(feed)
+        if publisher is not None:
+            self._forward(publisher, packet, received)
+
+    def _forward(self, publisher: Publisher, packet: bytes, received: float) -> None:
         parsed = publisher.ingest(packet, received)
         if parsed is None:
             return
@@ -291,9 +323,10 @@ class Room:
         ranked: list[tuple[str, float]] = []
         timeout = self.config.active_timeout
         for session_id, publisher in self._publishers.items():
-            session = self.sessions.get(session_id)
-            if session is None or not session.permissions.forwards:
-                continue
+            if publisher.participant not in self._feeds:
+                session = self.sessions.get(session_id)
+                if session is None or not session.permissions.forwards:
+                    continue
             meter = publisher.meter
             loudness = meter.loudness if meter.active(now, timeout) else 0.0
             ranked.append((publisher.participant, loudness))

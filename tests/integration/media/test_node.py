@@ -75,6 +75,22 @@ class RoomsRecorder:
 Fleet = Callable[..., "asyncio.Future[MediaNode]"]
 
 
+class LocalNodeLink:
+    """Node-to-node calls within the test process (the gRPC form is GrpcNodeLink)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, MediaNode] = {}
+
+    async def open_relay(
+        self, address: str, space: str, edge_node: str, sdp_offer: str
+    ) -> tuple[str, str]:
+        negotiation = await self.nodes[address].open_relay(space, edge_node, sdp_offer)
+        return negotiation.session, negotiation.sdp_answer
+
+    async def close_relay(self, address: str, space: str, relay: str) -> None:
+        await self.nodes[address].close_served_relay(space, relay)
+
+
 @pytest.fixture
 def rooms() -> RoomsRecorder:
     return RoomsRecorder()
@@ -85,6 +101,7 @@ async def fleet(
     redis_client: redis.asyncio.Redis, rooms: RoomsRecorder, tmp_path: Path
 ) -> AsyncIterator[Callable[[str], asyncio.Future[MediaNode]]]:
     """Start media nodes by id, all sharing the test's Redis database."""
+    link = LocalNodeLink()
     async with AsyncExitStack() as stack:
 
         async def start(
@@ -98,7 +115,7 @@ async def fleet(
                 rooms,
                 NodeOptions(
                     node_id=node_id,
-                    address=f"127.0.0.1:{50000 + len(node_id)}",
+                    address=f"{node_id}.test:50053",
                     capacity=capacity,
                     heartbeat_s=0.3,
                     drain_grace_s=2.0,
@@ -107,7 +124,9 @@ async def fleet(
                     captions=captions,
                     max_negotiations=negotiations,
                 ),
+                link,
             )
+            link.nodes[node.options.address] = node
             await node.start()
             stack.push_async_callback(node.stop)
             return node
@@ -203,9 +222,9 @@ async def test_grants_are_checked_for_user_node_expiry_reuse_and_ended_spaces(
 
     assert await refused(a, "mallory", grant("alice", "media-a")) == "GRANT_USER_MISMATCH"
     assert await refused(b, "alice", grant("alice", "media-a")) == "NODE_UNAVAILABLE"
-    assert await refused(b, "alice", grant("alice", "media-b")) == "NODE_UNAVAILABLE", (
-        "media-b does not serve the space"
-    )
+    assert await refused(b, "alice", grant("alice", "media-b", publish=True)) == (
+        "NODE_UNAVAILABLE"
+    ), "media-b is not the origin: a speaker cannot publish there"
     old = datetime.now().astimezone() - timedelta(minutes=10)
     assert await refused(a, "alice", grant("alice", "media-a", now=old)) == "GRANT_EXPIRED"
     assert await refused(a, "alice", "not-a-grant") == "GRANT_INVALID"
@@ -439,3 +458,33 @@ async def test_a_crowd_negotiating_at_once_is_told_to_retry_and_keeps_its_grants
     assert all(not isinstance(r, Exception) or i in busy for i, r in enumerate(results))
     retried = await node.negotiate(f"u{busy[0]}", node.name, grants[busy[0]], offers[busy[0]])
     assert retried[0].session, "a refused app retries with the same grant"
+
+
+async def test_listeners_beyond_a_full_origin_hear_the_space_through_an_edge_relay(
+    fleet: Callable[..., asyncio.Future[MediaNode]], apps: AppFactory
+) -> None:
+    origin = await fleet("media-a", capacity=2)
+    edge = await fleet("media-b", capacity=100)
+    assert await origin.open_space(SPACE, record=False) == "media-a"
+    alice = apps("alice", Tone(440, 0.3))
+    await connect(origin, alice, "alice", publish=True)
+    assert (await origin.place(SPACE, "bob", may_publish=False, avoid=None)).origin
+    await connect(origin, apps("bob"), "bob")
+
+    await origin.registry.report(origin.info())  # the origin is full now
+    placement = await edge.place(SPACE, "carol", may_publish=False, avoid=None)
+    assert (placement.node.node_id, placement.origin) == ("media-b", False)
+    carol = apps("carol")
+    await connect(edge, carol, "carol")
+    assert await eventually(lambda: heard(carol, 440), 15.0), "the edge relays the speaker"
+    assert edge.info().relays >= 1 and origin.info().relays >= 1
+
+    placement = await edge.place(SPACE, "dave", may_publish=True, avoid=None)
+    assert placement.node.node_id == "media-a", "publishers always go to the origin"
+    with pytest.raises(FailedPrecondition) as speaker_on_edge:
+        await connect(edge, apps("erin", Tone(660, 0.3)), "erin", publish=True)
+    assert speaker_on_edge.value.reason == "NODE_UNAVAILABLE"
+
+    await origin.close_space(SPACE)
+    assert await eventually(lambda: edge.engine.participant_count(SPACE) == 0, 5.0)
+    assert not edge.info().relays, "the edge let go of the relay"

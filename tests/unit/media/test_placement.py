@@ -50,3 +50,16 @@ def test_reports_and_permissions_survive_their_encoding() -> None:
     assert NodeInfo.from_json(report.to_json()) == report
     permissions = ParticipantPermissions(may_publish=True, muted=False, removed=True, revision=7)
     assert ParticipantPermissions.decode(permissions.encode()) == permissions
+
+
+def test_an_edge_already_serving_the_space_is_preferred_then_the_least_loaded() -> None:
+    from services.media.placement import best_edge
+    from services.media.registry import SpaceShare
+
+    serving = NodeInfo.from_json(node("c", peers=50).to_json())
+    serving = NodeInfo(**{**serving.__dict__, "spaces": (SpaceShare("s1", 0, 50, False),)})
+    nodes = [node("origin", peers=100), node("b", peers=10), serving]
+    assert best_edge(nodes, "s1", origin="origin") == serving, "its relay is shared"
+    assert best_edge(nodes, "s2", origin="origin") == nodes[1], "otherwise the least loaded"
+    assert best_edge(nodes, "s1", origin="origin", avoid="c") == nodes[1]
+    assert best_edge([node("origin")], "s1", origin="origin") is None, "never the origin"
