@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from services.media import aiortc_internals as internals
 from services.media.room import Room
@@ -45,7 +45,8 @@ class RelayClient:
         self.relay_id = ""
         self.origin = ""
         self._on_closed = on_closed
-        self._pc = RTCPeerConnection()
+        # No STUN server: nodes reach each other directly (aiortc would ask Google's).
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._feeds: dict[int, str] = {}
         self._closed = False
         self.connected = asyncio.get_running_loop().create_future()

@@ -105,18 +105,18 @@ class MediaSettings(ServiceSettings):
         default=1, ge=0, le=8, description="Egress worker threads (0: inline). Default: 1."
     )
     heartbeat_s: float = Field(
-        default=1.0,
+        default=0.5,
         gt=0,
         le=30,
-        description="Seconds between the node's reports to the registry. Default: 1.",
+        description="Seconds between the node's reports to the registry. Default: 0.5.",
     )
     node_ttl_s: float = Field(
-        default=4.0,
+        default=2.0,
         gt=0,
         le=120,
         description=(
             "Seconds after its last report a silent node counts as dead; its participants "
-            "are then moved. Default: 4."
+            "are then moved (four missed reports by default). Default: 2."
         ),
     )
     drain_grace_s: float = Field(

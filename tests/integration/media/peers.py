@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from services.media.engine import MediaEngine
@@ -152,7 +152,8 @@ class App:
 
     def __init__(self, name: str, tone: Tone | None, slots: int = 3) -> None:
         self.name = name
-        self.pc = RTCPeerConnection()
+        # Loopback only: no STUN server (aiortc's default would be queried over the network).
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tone = tone
         if tone is not None:
             self.pc.addTransceiver(tone, direction="sendonly")
@@ -196,7 +197,10 @@ def heard(app: App, freq: float, tolerance: float = 25.0) -> bool:
 
 def heard_since(app: App, freq: float, since: float, tolerance: float = 25.0) -> bool:
     """Whether a frame of ``freq`` arrived in one of the app's slots after ``since``
-    (frames are judged one by one: a slot that stops receiving keeps its old frames)."""
+    (frames are judged one by one: a slot that stops receiving keeps its old frames); an
+    app still negotiating has heard nothing."""
+    if app.recorder is None:
+        return False
     for slot in app.slots:
         recent = zip(slot.times[-len(slot.samples) :], slot.samples, strict=True)
         for arrived, pcm in recent:
