@@ -1,4 +1,4 @@
-"""The gateway's ASGI application: fixed pages, the derived API routes and middleware.
+"""The gateway's ASGI application: the web client, the derived API routes and middleware.
 
 Request flow (outermost first): metrics → CORS (when origins are configured) → request id
 → the catch-all API endpoint, which matches the path against the route table built from
@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +42,7 @@ from services.gateway.routing import PathTemplate, Route, RouteMatch, RouteTable
 from services.gateway.transcoder.backend import Backend
 from services.gateway.transcoder.http import HttpTranscoder
 from services.gateway.transcoder.planner import CallPlanner
+from services.gateway.web import INDEX_HEADERS, StaticSite
 from services.gateway.websocket import WebSocketStreamer
 
 logger = logging.getLogger(__name__)
@@ -50,12 +52,6 @@ __all__ = ["GatewayConfig", "build_route_table", "create_app"]
 _TRACER = trace.get_tracer(__name__)
 _API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _ANY_METHOD = [*_API_METHODS, "HEAD", "OPTIONS", "TRACE", "CONNECT"]
-_INDEX_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Spaces</title></head>
-<body><h1>Spaces</h1>
-<p>The web client is coming soon. Meanwhile, the API is described in
-<a href="/openapi.json">/openapi.json</a>.</p></body></html>
-"""
 
 
 def build_route_table(api: ApiDescription) -> RouteTable:
@@ -81,6 +77,7 @@ class GatewayConfig:
     stream_timeout_s: float | None = None
     max_body_bytes: int = 1024 * 1024
     cors_allowed_origins: Sequence[str] = field(default_factory=tuple)
+    web_root: Path | None = None  # the web client's folder; None: services/gateway/web/client
 
 
 class _RequestIdMiddleware:
@@ -167,6 +164,7 @@ def create_app(
     transcoder = HttpTranscoder(planner, max_body_bytes=config.max_body_bytes)
     streamer = WebSocketStreamer(planner, gate, stream_timeout_s=config.stream_timeout_s)
     openapi_document = json.dumps(build_openapi(api, table), separators=(",", ":"))
+    site = StaticSite(config.web_root) if config.web_root else StaticSite()
 
     async def healthz(request: Request) -> Response:
         request.state.route = "/healthz"
@@ -174,7 +172,11 @@ def create_app(
 
     async def index(request: Request) -> Response:
         request.state.route = "/"
-        return HTMLResponse(_INDEX_HTML)
+        return await site.respond(request, "index.html", INDEX_HEADERS)
+
+    async def web_file(request: Request) -> Response:
+        request.state.route = "/web/{path}"
+        return await site.respond(request, str(request.path_params["path"]))
 
     async def openapi(request: Request) -> Response:
         request.state.route = "/openapi.json"
@@ -266,7 +268,9 @@ def create_app(
     routes = [
         StarletteRoute("/healthz", healthz, methods=["GET"]),
         StarletteRoute("/openapi.json", openapi, methods=["GET"]),
+        # The web client (GET and HEAD): its page, then its files under /web/.
         StarletteRoute("/", index, methods=["GET"]),
+        StarletteRoute("/web/{path:path}", web_file, methods=["GET"]),
         # Every method reaches the endpoint, which answers 405 with Allow for the ones no
         # route takes.
         StarletteRoute("/{path:path}", endpoint, methods=_ANY_METHOD),

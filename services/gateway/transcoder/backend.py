@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["Backend", "BackendRouter", "NodeResolver", "addresses_from_settings"]
 
 _PACKAGE = re.compile(r"^spaces\.([a-z0-9_]+)\.v\d+$")
+_STREAM_WITHOUT_DEADLINE_S = 24 * 3600.0
+"""The deadline of a stream the caller gave none: a day, i.e. none in practice."""
+
 _NODE_NAME = re.compile(r"^mediaNodes/([^/]+)(/|$)")
 
 NodeResolver = Callable[[str], Awaitable[str | None]]
@@ -148,8 +151,12 @@ class Backend:
             request_serializer=_serialize,
             response_deserializer=message_class(method.output_type).FromString,
         )
+        # No timeout means the stream lives as long as its client: say so explicitly, or the
+        # channel's default deadline (meant for unary calls) would end it after seconds.
         call: grpc.aio.UnaryStreamCall[Message, Message] = callable_(
-            request, metadata=tuple(metadata), timeout=timeout
+            request,
+            metadata=tuple(metadata),
+            timeout=timeout if timeout is not None else _STREAM_WITHOUT_DEADLINE_S,
         )
         return call
 
