@@ -47,6 +47,8 @@ class MediaConfig:
     :param switch_interval: with egress threads, the interpreter's GIL switch interval
         (``sys.setswitchinterval``, process-wide) so a worker waiting for the GIL gets it
         within this time even while the event loop runs Python; ``None`` leaves it.
+    :param consent_timeout: longest time until a peer that stopped answering consent
+        checks (RFC 7675) is noticed and its session closed.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +65,7 @@ class MediaConfig:
     active_timeout: float = 1.0
     rtcp_interval: float = 5.0
     switch_interval: float | None = 0.001
+    consent_timeout: float = 28.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.slot_count <= self.max_slots:

@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
+from services.media import aiortc_internals as internals
 from services.media.config import MediaConfig
 from services.media.egress import EgressPool
 from services.media.icemux import IceMux
@@ -109,6 +110,11 @@ class MediaEngine:
 
     async def start(self) -> None:
         """Bind the ICE mux and start the egress workers and housekeeping."""
+        # A vanished peer is noticed by its last consent check, at most
+        # CONSENT_FAILURES x 1.2 x interval after it went (RFC 7675: within 30 s).
+        internals.set_consent_interval(
+            self.config.consent_timeout / internals.CONSENT_FAILURES / 1.2
+        )
         await self.mux.start()
         if self.config.egress_threads and self.config.switch_interval is not None:
             if sys.getswitchinterval() > self.config.switch_interval:

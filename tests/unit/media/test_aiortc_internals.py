@@ -42,6 +42,18 @@ def test_the_pinned_versions_are_installed() -> None:
     assert pylibsrtp.__version__ == "1.0.0"
 
 
+def test_consent_freshness_is_tunable_through_aioice_s_module_constants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aioice reads CONSENT_INTERVAL at every check and gives up after CONSENT_FAILURES."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", aioice.ice.CONSENT_INTERVAL)
+    assert internals.CONSENT_FAILURES == aioice.ice.CONSENT_FAILURES == 6
+    internals.set_consent_interval(3.5)
+    assert aioice.ice.CONSENT_INTERVAL == 3.5
+    source = __import__("inspect").getsource(Connection.query_consent)
+    assert "CONSENT_INTERVAL" in source and "CONSENT_FAILURES" in source
+
+
 @pytest.fixture
 def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
