@@ -8,11 +8,22 @@
    (default 2 s) after the start, i.e. in the middle of the fan-out; then a
    SpaceStartedEvent is appended to ``spaces:events:rooms`` in the outbox relay's format.
 4. When the job is done: ``fanout_s`` is the time from appending the event to the job's
-   finish (database clock), ``notifications_per_s`` = followers / fanout_s, and
-   ``reminder_lateness_s`` = sent_time - fire_time of the reminder.
+   finish (database clock), ``notifications_per_s`` = notifications created / fanout_s,
+   and ``reminder_lateness_s`` = sent_time - fire_time of the reminder.
+5. notify is stopped, its tables emptied, and the next run starts: ``BENCH_RUNS`` (default
+   3) runs per variant, the variants taking turns (run 1 of each, then run 2 of each...),
+   so a noisy neighbour hurts them alike. The headline figures are the medians of the first
+   variant.
 
-Bounded (the wait gives up after ``BENCH_TIMEOUT_S``, default 300 s), loopback only, cleans
-up after itself. Last stdout line: one JSON object.
+Variants: ``BENCH_VARIANTS`` is a JSON object {name: {NOTIFY_SETTING: value}}, e.g.
+``{"writers1": {"NOTIFY_FANOUT_WRITERS": "1"}, "writers2": {}}``; default: one variant,
+``default``, with notify's default settings. The key ``BENCH_CODE_ROOT`` runs that
+variant's notify from another checkout (with ``build/gen``), e.g. the previous commit's
+(``git archive HEAD services | tar -x -C /tmp/old && ln -s $PWD/build /tmp/old/build``):
+notify's schema is dropped after every run, so each variant migrates its own.
+
+Bounded (each wait gives up after ``BENCH_TIMEOUT_S``, default 300 s), loopback only,
+cleans up after itself. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import logging
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,15 +73,26 @@ logger = logging.getLogger("bench.notify_fanout")
 FOLLOWERS = int(os.environ.get("BENCH_FOLLOWERS", "1000000"))
 REMINDER_AFTER_S = float(os.environ.get("BENCH_REMINDER_AFTER_S", "2.0"))
 TIMEOUT_S = float(os.environ.get("BENCH_TIMEOUT_S", "300"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+VARIANTS: dict[str, dict[str, str]] = json.loads(
+    os.environ.get("BENCH_VARIANTS", '{"default": {}}')
+)
 
 
 @contextlib.contextmanager
-def notify_process(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """notify as its own process, up to SERVING; SIGTERM (then SIGKILL) at the end."""
+def notify_process(
+    env: dict[str, str], port: int, code_root: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
+    """notify (from ``code_root``) as its own process, up to SERVING; SIGTERM (then
+    SIGKILL) at the end."""
     log = tempfile.TemporaryFile()
+    env = {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(code_root), str(code_root / "build" / "gen")]),
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "services.notify.main"],
-        cwd=ROOT,
+        cwd=code_root,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -174,15 +197,50 @@ def wait_done(database_url: str) -> dict[str, Any]:
             time.sleep(0.05)
 
 
+def reset(database_url: str) -> None:
+    """Drop notify's schema between runs: the next notify migrates a fresh one."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS notify CASCADE")
+
+
+def one_run(
+    notify_env: dict[str, str],
+    notify_port: int,
+    secret: str,
+    host: str,
+    database_url: str,
+    redis_url: str,
+    code_root: Path,
+) -> dict[str, Any]:
+    """One fan-out with notify started afresh; its figures."""
+    with notify_process(notify_env, notify_port, code_root):
+        token = ServiceTokenIssuer("rooms", secret).token()
+        start = dt.datetime.now(dt.UTC)
+        fire = start + dt.timedelta(seconds=REMINDER_AFTER_S)
+        asyncio.run(schedule_reminder(notify_port, token, host, fire))
+        appended = append_started(redis_url, host)
+        result = wait_done(database_url)
+    fanout_s = (result["finish"] - appended).total_seconds()
+    return {
+        "fanout_s": round(fanout_s, 3),
+        "notifications_per_s": round(result["created"] / fanout_s),
+        "reminder_lateness_s": round((result["sent"] - result["fire"]).total_seconds(), 3),
+        "notifications_created": result["created"],
+        "batches": result["batches"],
+        "reminder_during_fanout": result["fire"] < result["finish"],
+    }
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-notify-") as tmp:
         with data_stores(Path(tmp)) as (database_url, redis_url):
             asyncio.run(migrate(database_url, SCHEMA, MIGRATIONS))
             host, seed_s = seed(database_url, FOLLOWERS)
             print(f"seeded {FOLLOWERS} followers in {seed_s:.1f} s", file=sys.stderr)
             secret = secrets.token_urlsafe(48)
-            identity_port, notify_port = free_port(), free_port()
+            identity_port = free_port()
             base = {
                 **os.environ,
                 "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "build" / "gen")]),
@@ -199,42 +257,67 @@ def main() -> None:
                 "IDENTITY_GRPC_PORT": str(identity_port),
                 "IDENTITY_METRICS_PORT": str(free_port()),
             }
-            notify_env = {
-                **base,
-                "NOTIFY_GRPC_HOST": "127.0.0.1",
-                "NOTIFY_GRPC_PORT": str(notify_port),
-                "NOTIFY_METRICS_PORT": str(free_port()),
-                "NOTIFY_CONSUMER_NAME": "bench",
-                "NOTIFY_EVENT_BLOCK_MS": "100",
-            }
-            with (
-                identity_process(identity_env, identity_port),
-                notify_process(notify_env, notify_port),
-            ):
-                token = ServiceTokenIssuer("rooms", secret).token()
-                start = dt.datetime.now(dt.UTC)
-                fire = start + dt.timedelta(seconds=REMINDER_AFTER_S)
-                asyncio.run(schedule_reminder(notify_port, token, host, fire))
-                appended = append_started(redis_url, host)
-                result = wait_done(database_url)
-    fanout_s = (result["finish"] - appended).total_seconds()
-    lateness = (result["sent"] - result["fire"]).total_seconds()
+            with identity_process(identity_env, identity_port):
+                for number in range(RUNS):
+                    for name, settings in VARIANTS.items():
+                        overrides = dict(settings)
+                        code_root = Path(overrides.pop("BENCH_CODE_ROOT", str(ROOT)))
+                        notify_port = free_port()
+                        notify_env = {
+                            **base,
+                            "NOTIFY_GRPC_HOST": "127.0.0.1",
+                            "NOTIFY_GRPC_PORT": str(notify_port),
+                            "NOTIFY_METRICS_PORT": str(free_port()),
+                            "NOTIFY_CONSUMER_NAME": "bench",
+                            "NOTIFY_EVENT_BLOCK_MS": "100",
+                            **overrides,
+                        }
+                        run = one_run(
+                            notify_env,
+                            notify_port,
+                            secret,
+                            host,
+                            database_url,
+                            redis_url,
+                            code_root,
+                        )
+                        runs[name].append(run)
+                        print(f"run {number + 1} {name}: {json.dumps(run)}", file=sys.stderr)
+                        reset(database_url)
+    variants = {name: summarize(results) for name, results in runs.items()}
+    headline = variants[next(iter(VARIANTS))]
     print(
         json.dumps(
             {
                 "followers": FOLLOWERS,
-                "fanout_s": round(fanout_s, 3),
-                "notifications_per_s": round(result["created"] / fanout_s),
-                "reminder_lateness_s": round(lateness, 3),
-                "notifications_created": result["created"],
-                "batches": result["batches"],
-                "reminder_during_fanout": result["fire"] < result["finish"],
+                "fanout_s": headline["fanout_s"],
+                "notifications_per_s": headline["notifications_per_s"],
+                "reminder_lateness_s": headline["reminder_lateness_s"],
+                "runs": RUNS,
+                "statistic": "median",
+                "notifications_created": headline["notifications_created"],
+                "reminder_during_fanout": headline["reminder_during_fanout"],
+                "variants": variants if len(variants) > 1 else {},
                 "seed_s": round(seed_s, 2),
                 "target_notifications_per_s": 100_000,
                 "target_reminder_lateness_s": 1.0,
             }
         )
     )
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of one variant's runs (and every run's rate, to show the spread)."""
+    return {
+        "fanout_s": round(statistics.median(r["fanout_s"] for r in results), 3),
+        "notifications_per_s": round(statistics.median(r["notifications_per_s"] for r in results)),
+        "reminder_lateness_s": round(
+            statistics.median(r["reminder_lateness_s"] for r in results), 3
+        ),
+        "notifications_created": min(r["notifications_created"] for r in results),
+        "reminder_during_fanout": all(r["reminder_during_fanout"] for r in results),
+        "notifications_per_s_each_run": [r["notifications_per_s"] for r in results],
+    }
 
 
 if __name__ == "__main__":

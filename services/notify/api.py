@@ -191,14 +191,7 @@ class NotifyApi(pb_grpc.NotifyServiceServicer):
         kinds = sorted({int(kind) for kind in request.webhook.kinds})
         fingerprint = hashlib.sha256(f"{url}|{kinds}".encode()).hexdigest()
         request_id = uuid.UUID(request.request_id) if request.request_id else None
-        try:
-            await self._policy.resolve(url)
-        except UrlNotAllowed as error:
-            raise InvalidArgument(
-                str(error),
-                reason="WEBHOOK_URL_NOT_ALLOWED",
-                field_violations=[("webhook.url", str(error))],
-            ) from None
+        await self._check_url(url, "webhook.url")
         candidate = WebhookRow(
             id=new_id(),
             user_id=user,
@@ -258,6 +251,24 @@ class NotifyApi(pb_grpc.NotifyServiceServicer):
         if not await self._store.delete_webhook(user, webhook_id):
             raise _webhook_not_found()
         return pb.DeleteWebhookResponse()
+
+    async def EnableWebhook(
+        self, request: pb.EnableWebhookRequest, context: Context
+    ) -> pb.EnableWebhookResponse:
+        user, webhook_id = self._owned(request.name, "webhooks")
+        existing = await self._store.get_webhook(user, webhook_id)
+        if existing is None:
+            raise _webhook_not_found()
+        if existing.state == domain.WebhookState.ACTIVE:
+            return pb.EnableWebhookResponse(webhook=webhook_pb(existing))
+        # The address rules may have changed since it was created (or the name now resolves
+        # elsewhere): checked again, as at creation.
+        await self._check_url(existing.url)
+        row = await self._store.enable_webhook(user, webhook_id)
+        if row is None:
+            raise _webhook_not_found()
+        logger.info("webhook %s of user %s enabled again", webhook_id, user)
+        return pb.EnableWebhookResponse(webhook=webhook_pb(row))
 
     async def ListWebhookDeliveries(
         self, request: pb.ListWebhookDeliveriesRequest, context: Context
@@ -345,6 +356,16 @@ class NotifyApi(pb_grpc.NotifyServiceServicer):
         return pb.RescheduleSpaceRemindersResponse(moved_count=moved)
 
     # -- helpers -----------------------------------------------------------------------
+
+    async def _check_url(self, url: str, field_name: str = "name") -> None:
+        try:
+            await self._policy.resolve(url)
+        except UrlNotAllowed as error:
+            raise InvalidArgument(
+                str(error),
+                reason="WEBHOOK_URL_NOT_ALLOWED",
+                field_violations=[(field_name, str(error))],
+            ) from None
 
     def _owned(self, name: str, collection: str) -> tuple[str, str]:
         segment, item = domain.split_name(name, collection)

@@ -68,13 +68,18 @@ def preferences_pb(row: PreferencesRow) -> resources_pb.NotificationPreferences:
 
 def webhook_pb(row: WebhookRow) -> resources_pb.Webhook:
     """The Webhook resource (never the secret)."""
-    return resources_pb.Webhook(
+    webhook = resources_pb.Webhook(
         name=f"users/{row.user_id}/webhooks/{row.id}",
         url=row.url,
         kinds=sorted(row.kinds),  # type: ignore[arg-type]
         state=row.state,  # type: ignore[arg-type]
         create_time=timestamp(row.create_time),
+        consecutive_failures=row.consecutive_failures,
+        disabled_reason=row.disabled_reason,
     )
+    if row.disabled_time is not None:
+        webhook.disable_time.CopyFrom(timestamp(row.disabled_time))
+    return webhook
 
 
 def delivery_pb(row: DeliveryRow) -> resources_pb.WebhookDelivery:

@@ -31,6 +31,7 @@ __all__ = [
     "Draft",
     "FanoutState",
     "ReminderState",
+    "WebhookState",
     "backoff_delay",
     "decode_page_token",
     "encode_page_token",
@@ -41,6 +42,7 @@ __all__ = [
     "sign_payload",
     "signature_header",
     "verify_signature",
+    "webhook_disabled_draft",
 ]
 
 Kind = resources_pb.NotificationKind
@@ -72,6 +74,13 @@ class DeliveryState(IntEnum):
     RETRYING = 2
     SUCCEEDED = 3
     DEAD_LETTERED = 4
+
+
+class WebhookState(IntEnum):
+    """``webhooks.state``; the values of Webhook.State."""
+
+    ACTIVE = 1
+    DISABLED = 2
 
 
 class Channel(IntEnum):
@@ -362,3 +371,17 @@ def reminder_wording(kind: int, space_title: str) -> tuple[str, str]:
     if kind == resources_pb.REMINDER_KIND_HOST:
         return "Your Space is about to start", space_title
     return "A Space you asked to be reminded of is starting", space_title
+
+
+def webhook_disabled_draft(
+    user_id: str, webhook_id: str, url: str, reason: str, disabled_at: datetime
+) -> Draft:
+    """The owner's notice that their webhook was disabled (one per disabling)."""
+    return Draft(
+        user_id=user_id,
+        kind=Kind.NOTIFICATION_KIND_WEBHOOK_DISABLED,
+        title="A webhook of yours was disabled",
+        body=f"{url}: {reason}",
+        subject=f"users/{user_id}/webhooks/{webhook_id}",
+        dedupe_key=f"webhook-disabled:{webhook_id}:{disabled_at.isoformat()}",
+    )

@@ -4,29 +4,36 @@ An event handler only records a ``fanout_jobs`` row (cheap, in the event's trans
 a host with a million followers never holds up the event stream. Fan-out workers, separate
 tasks on every replica, lease jobs and process them in batches:
 
-1. stream follower ids from identity (``StreamFollowerIds``) starting at the job's cursor;
-2. per batch, in one transaction: COPY the ids into a temporary staging table, INSERT …
-   SELECT the notifications that pass the filters (disabled kind, muted host, blocks) with
-   ``ON CONFLICT (user_id, dedupe_key) DO NOTHING``, queue their webhook/push deliveries,
-   and advance the cursor;
-3. after commit, publish the new notifications of users with an open live stream.
+1. stream follower ids from identity (``StreamFollowerIds``) starting at the job's cursor,
+   reading ahead while earlier batches are written;
+2. per batch, in its own transaction on its own connection (up to ``writers`` batches at
+   once): COPY the ids into a temporary staging table, INSERT … SELECT the notifications
+   that pass the filters (disabled kind, muted host, blocks) and queue their webhook/push
+   deliveries;
+3. advance the job's cursor past the batches committed so far, in stream order, renewing
+   the lease; then publish the new notifications of users with an open live stream.
 
-A crash anywhere loses nothing and duplicates nothing: the cursor and the batch commit
-together, and a batch replayed after an unclean hand-over hits the unique index. After
-``fanout_slice_batches`` batches a worker hands the job back, so several big fan-outs take
-turns and small ones are not stuck behind a million-follower host.
+A crash anywhere loses nothing and duplicates nothing: the cursor only ever points past
+committed batches, so nothing is skipped, and the unique ``(user_id, dedupe_key)`` index
+turns whatever is written again (a batch committed just before the crash, a follower
+streamed twice after a re-follow, a worker that lost its lease) into nothing; see
+:meth:`PostgresNotifyStore.write_fanout_rows`. After ``fanout_slice_batches`` batches a
+worker hands the job back, so several big fan-outs take turns and small ones are not
+stuck behind a million-follower host.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
 import grpc.aio
 from spaces.identity.v1 import identity_service_pb2 as identity_pb
 from spaces.identity.v1 import identity_service_pb2_grpc as identity_grpc
@@ -46,6 +53,19 @@ __all__ = ["FanoutWorker", "FollowerSource", "IdentityDirectory"]
 STREAM_TIMEOUT_S = 600.0
 # What the reader hands the writer: a batch, the end (None) or the error that stopped it.
 _Item = tuple[list[str], str] | Exception | None
+
+
+@dataclass
+class _Write:
+    """A batch being written: its task, its ids (for live delivery) and the cursor after it."""
+
+    task: asyncio.Task[int | None]
+    ids: list[str]
+    next_cursor: str
+
+    def done(self) -> bool:
+        """Whether the write has finished (successfully or not)."""
+        return self.task.done()
 
 
 class FollowerSource(Protocol):
@@ -140,6 +160,7 @@ class FanoutWorker:
     :param owner: lease owner (the replica's consumer name plus the worker number).
     :param batch_size: followers per batch.
     :param slice_batches: batches before the job is handed back.
+    :param writers: batches of one job written at once (each on its own connection).
     :param lease_s: lease length, renewed with every batch.
     :param pause_s: pause after each batch.
     :param idle_poll_s: sleep when there is no job.
@@ -155,6 +176,7 @@ class FanoutWorker:
         batch_size: int,
         slice_batches: int,
         lease_s: float,
+        writers: int = 1,
         pause_s: float = 0.0,
         idle_poll_s: float = 0.2,
     ) -> None:
@@ -164,6 +186,7 @@ class FanoutWorker:
         self._owner = owner
         self._batch_size = batch_size
         self._slice_batches = slice_batches
+        self._writers = writers
         self._lease_s = lease_s
         self._pause_s = pause_s
         self._idle_poll_s = idle_poll_s
@@ -173,8 +196,8 @@ class FanoutWorker:
         while True:
             try:
                 job = await self._store.claim_fanout_job(self._owner, self._lease_s)
+                await self._update_lag()
                 if job is None:
-                    await self._update_lag()
                     await asyncio.sleep(self._idle_poll_s)
                     continue
                 await self.work(job)
@@ -185,57 +208,104 @@ class FanoutWorker:
                 await asyncio.sleep(1.0)
 
     async def _update_lag(self) -> None:
-        oldest = await self._store.oldest_pending_fanout()
+        pending, oldest = await self._store.pending_fanouts()
         lag = 0.0 if oldest is None else (dt.datetime.now(dt.UTC) - oldest).total_seconds()
         metrics.FANOUT_LAG.set(max(0.0, lag))
+        metrics.FANOUT_PENDING.set(pending)
 
     async def work(self, job: FanoutJob) -> None:
-        """Write up to one slice of ``job``; finish it when the followers run out."""
+        """Write up to one slice of ``job``; finish it when the followers run out.
+
+        Up to ``writers`` batches are written at once, each in its own transaction on its
+        own connection; the cursor then advances over them in stream order, so it only
+        ever points past batches that are committed. A crash between a batch's commit and
+        its cursor update replays that batch, which the unique index turns into a no-op.
+        """
         allowed: set[str] | None = None
         if job.visibility == rooms_pb.SPACE_VISIBILITY_INVITED_ONLY:
             # Invitees hear through SpaceInvitationEvent; followers must not learn of it.
             await self._store.finish_fanout_job(job.id, self._owner)
             return
-        if job.visibility == rooms_pb.SPACE_VISIBILITY_FOLLOWED_BY_HOST:
-            allowed = await self._source.following_ids(job.host_id)
-        cursor = job.cursor
-        written = 0
-        batches: asyncio.Queue[_Item] = asyncio.Queue(maxsize=2)
-        # Read ahead: identity streams the next batch while PostgreSQL writes this one.
+        try:
+            if job.visibility == rooms_pb.SPACE_VISIBILITY_FOLLOWED_BY_HOST:
+                allowed = await self._source.following_ids(job.host_id)
+            await self._write_slice(job, allowed)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The host's account is gone: nobody is left to tell, and retrying cannot help.
+            await self._store.finish_fanout_job(job.id, self._owner)
+            logger.warning("fan-out %s: host %s no longer exists; finished", job.id, job.host_id)
+
+    async def _write_slice(self, job: FanoutJob, allowed: set[str] | None) -> None:
+        batches: asyncio.Queue[_Item] = asyncio.Queue(maxsize=self._writers + 1)
+        # Read ahead: identity streams the next batches while PostgreSQL writes these.
         reader = asyncio.create_task(self._read(job, batches), name=f"fanout read {job.id}")
+        in_flight: collections.deque[_Write] = collections.deque()
+        cursor = job.cursor
+        read = 0
         try:
             while True:
                 item = await batches.get()
                 if isinstance(item, Exception):
                     raise item
                 if item is None:
-                    await self._store.finish_fanout_job(job.id, self._owner)
-                    logger.info("fan-out %s for spaces/%s is complete", job.id, job.space_id)
-                    return
+                    break
                 ids, next_cursor = item
                 if allowed is not None:
                     ids = [user for user in ids if user in allowed]
-                started = time.perf_counter()
-                created = await self._store.write_fanout_batch(
-                    job, self._owner, cursor, ids, next_cursor, self._lease_s
-                )
-                if created is None:
-                    logger.info("fan-out %s was taken over or canceled; leaving it", job.id)
+                in_flight.append(_Write(self._write(job, ids), ids, next_cursor))
+                read += 1
+                while in_flight and (len(in_flight) >= self._writers or in_flight[0].done()):
+                    moved = await self._settle(job, in_flight.popleft(), cursor)
+                    if moved is None:
+                        return
+                    cursor = moved
+                if read >= self._slice_batches:
+                    break
+            while in_flight:
+                moved = await self._settle(job, in_flight.popleft(), cursor)
+                if moved is None:
                     return
-                metrics.FANOUT_BATCH_SECONDS.observe(time.perf_counter() - started)
-                metrics.NOTIFICATIONS_CREATED.labels("fanout").inc(created)
-                cursor = next_cursor
-                written += 1
-                await self._publish_live(ids, job.dedupe_key)
-                if written >= self._slice_batches:
-                    await self._store.release_fanout_job(job.id, self._owner)
-                    return
-                if self._pause_s:
-                    await asyncio.sleep(self._pause_s)
+                cursor = moved
+            if item is None:
+                took = await self._store.finish_fanout_job(job.id, self._owner)
+                if took is not None:
+                    metrics.FANOUT_DURATION.observe(took)
+                logger.info("fan-out %s for spaces/%s is complete", job.id, job.space_id)
+            else:
+                await self._store.release_fanout_job(job.id, self._owner)
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for write in in_flight:
+                write.task.cancel()
+            await asyncio.gather(reader, *(w.task for w in in_flight), return_exceptions=True)
+
+    def _write(self, job: FanoutJob, ids: list[str]) -> asyncio.Task[int | None]:
+        async def write() -> int | None:
+            started = time.perf_counter()
+            created = await self._store.write_fanout_rows(job, self._owner, ids)
+            metrics.FANOUT_BATCH_SECONDS.observe(time.perf_counter() - started)
+            return created
+
+        return asyncio.create_task(write(), name=f"fanout write {job.id}")
+
+    async def _settle(self, job: FanoutJob, write: _Write, cursor: str) -> str | None:
+        """Wait for the oldest batch in flight and move the cursor past it.
+
+        :return: the new cursor, or ``None`` when the job is no longer ours.
+        """
+        created = await write.task
+        if created is None or not await self._store.advance_fanout_cursor(
+            job.id, self._owner, cursor, write.next_cursor, created, self._lease_s
+        ):
+            logger.info("fan-out %s was taken over or canceled; leaving it", job.id)
+            return None
+        metrics.NOTIFICATIONS_CREATED.labels("fanout").inc(created)
+        await self._publish_live(write.ids, job.dedupe_key)
+        if self._pause_s:
+            await asyncio.sleep(self._pause_s)
+        return write.next_cursor
 
     async def _read(self, job: FanoutJob, out: asyncio.Queue[_Item]) -> None:
         try:

@@ -36,8 +36,9 @@ from services.notify.consumer import EventHandler, build_consumers
 from services.notify.fanout import FanoutWorker, IdentityDirectory
 from services.notify.live import LiveHub
 from services.notify.reminders import ReminderWorker
+from services.notify.retention import RetentionPolicy, RetentionWorker
 from services.notify.settings import NotifySettings
-from services.notify.store import PostgresNotifyStore
+from services.notify.store import PostgresNotifyStore, RetentionStore
 from services.notify.webhooks import AddressPolicy, DeliveryEngine, build_push_adapters
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class NotifyRuntime:
                 batch_size=settings.fanout_batch_size,
                 slice_batches=settings.fanout_slice_batches,
                 lease_s=settings.fanout_lease_s,
+                writers=settings.fanout_writers,
                 pause_s=settings.fanout_batch_pause_s,
                 idle_poll_s=settings.fanout_idle_poll_s,
             )
@@ -143,6 +145,18 @@ class NotifyRuntime:
         self._spawn(reminders.run, "reminders")
         engine = DeliveryEngine(self.store, self.http, self.policy, adapters, settings)
         self._spawn(engine.run, "deliveries")
+        retention = RetentionWorker(
+            RetentionStore(self.pool),
+            RetentionPolicy(
+                notifications=settings.retention_notifications,
+                deliveries=settings.retention_deliveries,
+                processed_events=settings.retention_processed_events,
+                finished_work=settings.retention_finished_work,
+            ),
+            interval_s=settings.retention_interval_s,
+            step_size=settings.retention_step_size,
+        )
+        self._spawn(retention.run, "retention")
 
     def _spawn(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         self._tasks.append(asyncio.create_task(run(), name=f"notify {name}"))

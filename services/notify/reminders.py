@@ -52,9 +52,10 @@ class ReminderWorker:
         """Loop until cancelled, riding out database errors."""
         while True:
             try:
+                # Also during a burst, so the "due, not fired" gauge shows the backlog.
+                await self._refresh_gauge()
                 if await self.fire_due() >= self._batch_size:
                     continue  # more are due: no sleep
-                await self._refresh_gauge()
                 until_next = await self._store.seconds_to_next_reminder()
                 delay = self._poll_s if until_next is None else min(self._poll_s, until_next)
                 await asyncio.sleep(max(0.0, delay))

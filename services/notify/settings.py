@@ -65,6 +65,15 @@ class NotifySettings(ServiceSettings):
         le=10_000,
         description="Followers per StreamFollowerIds batch and per insert. Default: 10000.",
     )
+    fanout_writers: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description=(
+            "Batches of one fan-out written at once, each in its own transaction on its own "
+            "connection (the database then uses more than one core). Default: 2."
+        ),
+    )
     fanout_slice_batches: int = Field(
         default=25,
         ge=1,
@@ -132,6 +141,16 @@ class NotifySettings(ServiceSettings):
     webhook_backoff_cap_s: float = Field(
         default=6 * 3600.0, gt=0, description="Longest delay between retries. Default: 6 h."
     )
+    webhook_disable_after_failures: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Failed attempts in a row (any of the webhook's deliveries) after which a "
+            "webhook is disabled: its queued deliveries are dead-lettered, its owner gets a "
+            "WEBHOOK_DISABLED notification, and EnableWebhook turns it back on. A success "
+            "resets the count. Default: 100."
+        ),
+    )
     webhook_allow_private_addresses: bool = Field(
         default=False,
         description=(
@@ -154,6 +173,14 @@ class NotifySettings(ServiceSettings):
     fcm_access_token: SecretStr | None = Field(
         default=None, description="OAuth2 access token for the FCM HTTP v1 API. Default: unset."
     )
+    fcm_endpoint: str = Field(
+        default="https://fcm.googleapis.com",
+        pattern=r"^https?://",
+        description=(
+            "Base URL of the FCM HTTP v1 API (an egress proxy; tests point it at a local "
+            "server). Default: https://fcm.googleapis.com."
+        ),
+    )
     webpush_vapid_private_key: SecretStr | None = Field(
         default=None,
         description="VAPID private key (PEM, P-256) enabling Web Push. Default: unset.",
@@ -169,6 +196,45 @@ class NotifySettings(ServiceSettings):
         ),
     )
 
+    # -- retention ---------------------------------------------------------------------
+    retention_interval_s: float = Field(
+        default=3600.0, gt=0, description="Time between retention purges. Default: 3600."
+    )
+    retention_step_size: int = Field(
+        default=5000,
+        ge=1,
+        description="Rows deleted per purge transaction (keeps locks short). Default: 5000.",
+    )
+    retention_notifications: timedelta = Field(
+        default=timedelta(days=90),
+        gt=timedelta(0),
+        description="How long inbox notifications are kept. Default: 90 days.",
+    )
+    retention_deliveries: timedelta = Field(
+        default=timedelta(days=14),
+        gt=timedelta(0),
+        description=(
+            "How long succeeded and dead-lettered deliveries are kept (ListWebhookDeliveries "
+            "shows 7 days). Default: 14 days."
+        ),
+    )
+    retention_processed_events: timedelta = Field(
+        default=timedelta(days=7),
+        gt=timedelta(0),
+        description=(
+            "How long consumed event ids are kept to drop redeliveries; must exceed how "
+            "long an event stays in the streams. Default: 7 days."
+        ),
+    )
+    retention_finished_work: timedelta = Field(
+        default=timedelta(days=30),
+        gt=timedelta(0),
+        description=(
+            "How long finished fan-out jobs and sent or canceled reminders are kept. "
+            "Default: 30 days."
+        ),
+    )
+
     # -- database ----------------------------------------------------------------------
     db_pool_min_size: int = Field(default=2, ge=0, description="Pooled connections kept open.")
     db_pool_max_size: int = Field(default=12, ge=1, description="Most pooled connections.")
@@ -179,4 +245,7 @@ class NotifySettings(ServiceSettings):
             raise ValueError("db_pool_min_size must not exceed db_pool_max_size")
         if self.webhook_backoff_base_s > self.webhook_backoff_cap_s:
             raise ValueError("webhook_backoff_base_s must not exceed webhook_backoff_cap_s")
+        if self.retention_notifications < self.retention_deliveries:
+            # A queued delivery needs its notification until it is finished.
+            raise ValueError("retention_notifications must be at least retention_deliveries")
         return self

@@ -23,16 +23,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psycopg.errors
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from services.common.db import Pool
 from services.notify.domain import (
+    Channel,
     DeliveryState,
     Draft,
     FanoutState,
     FanoutTemplate,
+    WebhookState,
     reminder_wording,
+    webhook_disabled_draft,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ __all__ = [
     "PostgresNotifyStore",
     "PreferencesRow",
     "ReminderRow",
+    "RetentionStore",
     "WebhookRow",
     "create_notifications",
 ]
@@ -99,6 +104,9 @@ class WebhookRow:
     create_time: dt.datetime
     request_id: uuid.UUID | None = None
     request_fingerprint: str | None = None
+    consecutive_failures: int = 0
+    disabled_time: dt.datetime | None = None
+    disabled_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ class ClaimedDelivery:
     secret: str | None
     platform: int | None
     token: str | None
+    webhook_active: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,7 +221,8 @@ WITH src AS (
 SELECT {_NOTIFICATION_COLUMNS} FROM ins
 """
 
-_FANOUT_INSERT = """
+# The followers in ``fanout_staging`` who pass the filters of a fan-out's host and kind.
+_FANOUT_RECIPIENTS = """
 WITH excluded AS (
     SELECT blocked_id AS user_id FROM blocks WHERE blocker_id = %(actor_id)s
     UNION ALL
@@ -223,14 +233,26 @@ WITH excluded AS (
                                      OR %(actor_id)s = ANY(p.muted_actors)))
       AND s.user_id NOT IN (SELECT user_id FROM excluded)
       AND s.user_id <> %(actor_id)s
-), ins AS (
-    INSERT INTO notifications (user_id, kind, title, body, actor, space, subject, dedupe_key)
-    SELECT user_id, %(kind)s, %(title)s, %(body)s, %(actor)s, %(space)s, '', %(key)s FROM ok
-    ON CONFLICT (user_id, dedupe_key) DO NOTHING
+)"""
+
+_FANOUT_ROWS = """
+INSERT INTO notifications (user_id, kind, title, body, actor, space, subject, dedupe_key)
+SELECT user_id, %(kind)s, %(title)s, %(body)s, %(actor)s, %(space)s, '', %(key)s FROM ok"""
+
+# {conflict} is empty on the fast path (a duplicate raises unique_violation, and the batch
+# is written again with ON CONFLICT DO NOTHING; see write_fanout_rows).
+_FANOUT_INSERT = _FANOUT_RECIPIENTS + _FANOUT_ROWS + " {conflict}"
+_FANOUT_INSERT_WITH_DELIVERIES = (
+    _FANOUT_RECIPIENTS
+    + ", ins AS ("
+    + _FANOUT_ROWS
+    + """ {conflict}
     RETURNING user_id, id, kind
 ), {deliveries}
 SELECT count(*) FROM ins
 """
+)
+_SKIP_DUPLICATES = "ON CONFLICT (user_id, dedupe_key) DO NOTHING"
 
 # Webhook deliveries for every new notification whose owner has a matching webhook, and
 # push deliveries to devices on platforms with an adapter switched on.
@@ -250,8 +272,6 @@ wh AS (
       AND (p.user_id IS NULL OR NOT ins.kind = ANY(p.push_disabled_kinds))
     ON CONFLICT DO NOTHING
 )"""
-
-_NO_DELIVERIES = "no_deliveries AS (SELECT 1)"
 
 
 class EventTx:
@@ -513,13 +533,18 @@ class PostgresNotifyStore:
     async def list_notifications(
         self, user_id: str, before_id: int | None, limit: int, unread_only: bool
     ) -> list[CreatedNotification]:
-        """Newest first, ids below ``before_id``."""
+        """Newest first, ids below ``before_id``.
+
+        ``id + 0`` keeps the planner from walking the whole ``id`` index backwards in
+        search of one user's rows: a user's rows come from ``(user_id, dedupe_key)`` and
+        are sorted (retention bounds how many there are).
+        """
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 f"""SELECT {_NOTIFICATION_COLUMNS} FROM notifications
                     WHERE user_id = %s AND (%s::bigint IS NULL OR id < %s)
                       AND (NOT %s OR NOT read)
-                    ORDER BY id DESC LIMIT %s""",
+                    ORDER BY id + 0 DESC LIMIT %s""",
                 (user_id, before_id, before_id, unread_only, limit),
             )
             return [_notification(row) for row in await cursor.fetchall()]
@@ -631,87 +656,123 @@ class PostgresNotifyStore:
             row = await cursor.fetchone()
             return FanoutJob(*row) if row else None
 
-    async def write_fanout_batch(
-        self,
-        job: FanoutJob,
-        owner: str,
-        expected_cursor: str,
-        user_ids: Sequence[str],
-        next_cursor: str,
-        lease_s: float,
+    async def write_fanout_rows(
+        self, job: FanoutJob, owner: str, user_ids: Sequence[str]
     ) -> int | None:
-        """Write one batch and advance the cursor in one transaction.
+        """Write one batch of a fan-out's notifications (with their deliveries).
+
+        Batches are idempotent, which is what makes a fan-out exactly-once: the unique
+        index on ``(user_id, dedupe_key)`` refuses a second notification of the same
+        fan-out to one user, whoever writes it (a replay after a crash between this
+        transaction and :meth:`advance_fanout_cursor`, a worker that lost its lease, a
+        follower streamed twice). The first attempt is a plain INSERT: without ``ON
+        CONFLICT`` PostgreSQL skips the speculative insertion that costs about a third of
+        the statement. Only if that attempt meets a duplicate (``unique_violation``) is the
+        batch written again with ``ON CONFLICT DO NOTHING``.
 
         :return: notifications created, or ``None`` when the job is no longer ours (lease
-            taken over, canceled, or its cursor moved): the caller stops.
+            taken over, canceled or finished): the caller stops.
         """
-        async with self.pool.connection() as conn, conn.transaction():
-            # A crash loses at most the last few committed batches *together with* their
-            # cursor, so replay stays exactly-once; the fan-out needs no fsync per batch.
-            await conn.execute("SET LOCAL synchronous_commit = off")
-            # The batch insert's estimated cost crosses the JIT threshold; compiling it
-            # costs more than the whole insert.
-            await conn.execute("SET LOCAL jit = off")
-            cursor = await conn.execute(
-                "SELECT cursor, state, lease_owner FROM fanout_jobs WHERE id = %s FOR UPDATE",
-                (job.id,),
-            )
-            row = await cursor.fetchone()
-            if (
-                row is None
-                or row[0] != expected_cursor
-                or row[1] != FanoutState.PENDING
-                or row[2] != owner
-            ):
-                return None
-            created = 0
-            if user_ids:
-                await conn.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS fanout_staging (user_id text NOT NULL)"
-                    " ON COMMIT DELETE ROWS"
-                )
-                async with conn.cursor().copy("COPY fanout_staging (user_id) FROM STDIN") as copy:
-                    await copy.write("\n".join(user_ids).encode() + b"\n")
-                # Most users have no webhook or device: skip joining a batch against them.
-                cursor = await conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM webhooks WHERE state = 1)"
-                    " OR EXISTS (SELECT 1 FROM devices WHERE platform = ANY(%s))",
-                    (self.push_platforms,),
-                )
-                targets = await cursor.fetchone()
-                deliveries = _DELIVERIES if targets and targets[0] else _NO_DELIVERIES
-                cursor = await conn.execute(
-                    _FANOUT_INSERT.format(deliveries=deliveries),
-                    {
-                        "actor_id": job.host_id,
-                        "actor": f"users/{job.host_id}",
-                        "kind": job.kind,
-                        "title": job.title,
-                        "body": job.body,
-                        "space": f"spaces/{job.space_id}",
-                        "key": job.dedupe_key,
-                        "platforms": self.push_platforms,
-                    },
-                )
-                count = await cursor.fetchone()
-                created = int(count[0]) if count else 0
-            await conn.execute(
-                """UPDATE fanout_jobs SET cursor = %s, created = created + %s,
-                       batches = batches + 1, update_time = now(),
-                       lease_until = now() + make_interval(secs => %s)
-                   WHERE id = %s""",
-                (next_cursor, created, lease_s, job.id),
-            )
-            return created
+        if not user_ids:
+            return 0 if await self._owns_fanout(job.id, owner) else None
+        try:
+            return await self._insert_fanout_rows(job, owner, user_ids, conflict="")
+        except psycopg.errors.UniqueViolation:
+            logger.info("fan-out %s: a batch met earlier notifications; skipping them", job.id)
+            return await self._insert_fanout_rows(job, owner, user_ids, conflict=_SKIP_DUPLICATES)
 
-    async def finish_fanout_job(self, job_id: uuid.UUID, owner: str) -> None:
-        """Mark a job done (only while this owner holds it)."""
+    async def _owns_fanout(self, job_id: uuid.UUID, owner: str) -> bool:
         async with self.pool.connection() as conn:
+            return await _fanout_owned(conn, job_id, owner)
+
+    async def _insert_fanout_rows(
+        self, job: FanoutJob, owner: str, user_ids: Sequence[str], *, conflict: str
+    ) -> int | None:
+        # Round trips count as much as rows on a busy machine: the settings and the staging
+        # table go in one simple query, the ownership and delivery-target checks in one
+        # SELECT. A crash loses at most the last few committed batches together with their
+        # cursor, and batches are idempotent: no fsync per batch. The insert's estimated
+        # cost crosses the JIT threshold; compiling it costs more than the insert.
+        async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
+                "SET LOCAL synchronous_commit = off; SET LOCAL jit = off;"
+                " CREATE TEMP TABLE IF NOT EXISTS fanout_staging (user_id text NOT NULL)"
+                " ON COMMIT DELETE ROWS"
+            )
+            async with conn.cursor().copy("COPY fanout_staging (user_id) FROM STDIN") as copy:
+                await copy.write("\n".join(user_ids).encode() + b"\n")
+            # Most users have no webhook or device: skip joining a batch against them.
+            cursor = await conn.execute(
+                """SELECT EXISTS (SELECT 1 FROM fanout_jobs
+                                  WHERE id = %s AND lease_owner = %s AND state = 1),
+                          EXISTS (SELECT 1 FROM webhooks WHERE state = 1)
+                          OR EXISTS (SELECT 1 FROM devices WHERE platform = ANY(%s))""",
+                (job.id, owner, self.push_platforms),
+            )
+            checks = await cursor.fetchone()
+            if checks is None or not checks[0]:
+                return None
+            params = {
+                "actor_id": job.host_id,
+                "actor": f"users/{job.host_id}",
+                "kind": job.kind,
+                "title": job.title,
+                "body": job.body,
+                "space": f"spaces/{job.space_id}",
+                "key": job.dedupe_key,
+                "platforms": self.push_platforms,
+            }
+            if not checks[1]:
+                cursor = await conn.execute(_FANOUT_INSERT.format(conflict=conflict), params)
+                return max(cursor.rowcount, 0)
+            cursor = await conn.execute(
+                _FANOUT_INSERT_WITH_DELIVERIES.format(conflict=conflict, deliveries=_DELIVERIES),
+                params,
+            )
+            count = await cursor.fetchone()
+            return int(count[0]) if count else 0
+
+    async def advance_fanout_cursor(
+        self,
+        job_id: uuid.UUID,
+        owner: str,
+        expected_cursor: str,
+        next_cursor: str,
+        created: int,
+        lease_s: float,
+    ) -> bool:
+        """Move a job's cursor past batches already written, and renew the lease.
+
+        :return: False when the job is no longer ours or its cursor moved (the caller stops).
+        """
+        # One round trip (pipeline): BEGIN, the setting, the update, COMMIT. Losing this
+        # update in a crash only replays batches, which are idempotent: no fsync.
+        async with self.pool.connection() as conn:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                cursor = await conn.execute(
+                    """UPDATE fanout_jobs SET cursor = %s, created = created + %s,
+                           batches = batches + 1, update_time = now(),
+                           lease_until = now() + make_interval(secs => %s)
+                       WHERE id = %s AND lease_owner = %s AND state = 1 AND cursor = %s""",
+                    (next_cursor, created, lease_s, job_id, owner, expected_cursor),
+                )
+            return cursor.rowcount == 1
+
+    async def finish_fanout_job(self, job_id: uuid.UUID, owner: str) -> float | None:
+        """Mark a job done (only while this owner holds it).
+
+        :return: seconds from the job's creation to now, or ``None`` if it was not ours.
+        """
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
                 "UPDATE fanout_jobs SET state = 2, finish_time = now(), update_time = now(),"
-                " lease_until = NULL WHERE id = %s AND lease_owner = %s AND state = 1",
+                " lease_until = NULL WHERE id = %s AND lease_owner = %s AND state = 1"
+                " RETURNING extract(epoch FROM now() - create_time)::float8",
                 (job_id, owner),
             )
+            row = await cursor.fetchone()
+            return float(row[0]) if row else None
 
     async def release_fanout_job(self, job_id: uuid.UUID, owner: str) -> None:
         """Give a job back so others (and other jobs) get a turn."""
@@ -722,12 +783,14 @@ class PostgresNotifyStore:
                 (job_id, owner),
             )
 
-    async def oldest_pending_fanout(self) -> dt.datetime | None:
-        """Creation time of the oldest unfinished fan-out (lag metric)."""
+    async def pending_fanouts(self) -> tuple[int, dt.datetime | None]:
+        """How many fan-outs are unfinished, and when the oldest was created (metrics)."""
         async with self.pool.connection() as conn:
-            cursor = await conn.execute("SELECT min(create_time) FROM fanout_jobs WHERE state = 1")
+            cursor = await conn.execute(
+                "SELECT count(*), min(create_time) FROM fanout_jobs WHERE state = 1"
+            )
             row = await cursor.fetchone()
-            return row[0] if row else None
+            return (int(row[0]), row[1]) if row else (0, None)
 
     # -- reminders ---------------------------------------------------------------------
 
@@ -736,17 +799,27 @@ class PostgresNotifyStore:
     ) -> tuple[list[CreatedNotification], list[dt.timedelta]]:
         """Send due reminders (claimed with SKIP LOCKED); return the notifications and lateness."""
         async with self.pool.connection() as conn, conn.transaction():
+            # Claimed and marked sent in one statement (the due rows are found through the
+            # partial index and updated by primary key); the notifications follow in the
+            # same transaction, so a crash undoes both.
             cursor = await conn.execute(
-                """SELECT r.space_id, r.user_id, r.kind, r.fire_time, now() - r.fire_time,
-                          COALESCE(s.title, ''), COALESCE(s.host_id, '')
-                   FROM reminders r LEFT JOIN spaces s ON s.space_id = r.space_id
-                   WHERE r.state = 1 AND r.fire_time <= now()
-                   ORDER BY r.fire_time LIMIT %s FOR UPDATE OF r SKIP LOCKED""",
+                """UPDATE reminders r SET state = 2, sent_time = now(), update_time = now()
+                   FROM (SELECT space_id, user_id FROM reminders
+                         WHERE state = 1 AND fire_time <= now()
+                         ORDER BY fire_time LIMIT %s FOR UPDATE SKIP LOCKED) due
+                   WHERE r.space_id = due.space_id AND r.user_id = due.user_id
+                   RETURNING r.space_id, r.user_id, r.kind, r.fire_time, now() - r.fire_time""",
                 (limit,),
             )
-            rows = await cursor.fetchall()
-            if not rows:
+            claimed = await cursor.fetchall()
+            if not claimed:
                 return [], []
+            cursor = await conn.execute(
+                "SELECT space_id, title, host_id FROM spaces WHERE space_id = ANY(%s)",
+                (sorted({r[0] for r in claimed}),),
+            )
+            spaces = {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+            rows = [(*r, *spaces.get(r[0], ("", ""))) for r in claimed]
             drafts = []
             for space_id, user_id, kind, _fire, _late, title, host_id in rows:
                 heading, body = reminder_wording(kind, title)
@@ -764,13 +837,6 @@ class PostgresNotifyStore:
                     )
                 )
             created = await create_notifications(conn, drafts, self.push_platforms)
-            await conn.execute(
-                """UPDATE reminders SET state = 2, sent_time = now(), update_time = now()
-                   FROM unnest(%s::text[], %s::text[]) AS done(space_id, user_id)
-                   WHERE reminders.space_id = done.space_id
-                     AND reminders.user_id = done.user_id""",
-                ([r[0] for r in rows], [r[1] for r in rows]),
-            )
             return created, [r[4] for r in rows]
 
     async def seconds_to_next_reminder(self) -> float | None:
@@ -881,6 +947,76 @@ class PostgresNotifyStore:
             )
             return True
 
+    async def record_webhook_success(self, webhook_id: str) -> None:
+        """A delivery to the webhook succeeded: its run of failures is over."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE webhooks SET consecutive_failures = 0"
+                " WHERE id = %s AND consecutive_failures <> 0",
+                (webhook_id,),
+            )
+
+    async def record_webhook_failure(
+        self, webhook_id: str, error: str, disable_after: int
+    ) -> WebhookRow | None:
+        """Count a failed attempt; disable the webhook at ``disable_after`` in a row.
+
+        Disabling dead-letters the webhook's queued deliveries (they would only fail too)
+        and tells the owner in their inbox, all in one transaction.
+
+        :return: the webhook if this failure disabled it, else ``None``.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                """UPDATE webhooks
+                   SET consecutive_failures = consecutive_failures + 1,
+                       last_failure_time = now()
+                   WHERE id = %s AND state = %s
+                   RETURNING consecutive_failures""",
+                (webhook_id, WebhookState.ACTIVE),
+            )
+            row = await cursor.fetchone()
+            if row is None or row[0] < disable_after:
+                return None
+            reason = f"{row[0]} failed attempts in a row; last: {error or 'failure'}"
+            cursor = await conn.execute(
+                f"""UPDATE webhooks SET state = %s, disabled_time = now(), disabled_reason = %s
+                    WHERE id = %s RETURNING {_WEBHOOK_COLUMNS}""",
+                (WebhookState.DISABLED, reason, webhook_id),
+            )
+            disabled = WebhookRow(*(await cursor.fetchone() or ()))
+            await conn.execute(
+                """UPDATE deliveries SET state = %s, last_error = %s
+                   WHERE channel = %s AND target_id = %s AND state IN (%s, %s)""",
+                (
+                    DeliveryState.DEAD_LETTERED,
+                    "webhook disabled: " + reason,
+                    Channel.WEBHOOK,
+                    webhook_id,
+                    DeliveryState.PENDING,
+                    DeliveryState.RETRYING,
+                ),
+            )
+            assert disabled.disabled_time is not None
+            notice = webhook_disabled_draft(
+                disabled.user_id, disabled.id, disabled.url, reason, disabled.disabled_time
+            )
+            await create_notifications(conn, [notice], self.push_platforms)
+            return disabled
+
+    async def enable_webhook(self, user_id: str, webhook_id: str) -> WebhookRow | None:
+        """Turn a webhook back on with a clean failure count; ``None`` if there is none."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                f"""UPDATE webhooks
+                    SET state = %s, consecutive_failures = 0, disabled_time = NULL,
+                        disabled_reason = ''
+                    WHERE user_id = %s AND id = %s RETURNING {_WEBHOOK_COLUMNS}""",
+                (WebhookState.ACTIVE, user_id, webhook_id),
+            )
+            row = await cursor.fetchone()
+            return WebhookRow(*row) if row else None
+
     async def list_deliveries(
         self, webhook_id: str, state: int | None, before_id: int | None, limit: int
     ) -> list[DeliveryRow]:
@@ -977,7 +1113,7 @@ class PostgresNotifyStore:
             cursor = await conn.execute(
                 f"""SELECT d.id, d.channel, d.target_id, d.attempt_count,
                            {", ".join("n." + c.strip() for c in _NOTIFICATION_COLUMNS.split(","))},
-                           w.url, w.secret, dv.platform, dv.token
+                           w.url, w.secret, dv.platform, dv.token, w.state
                     FROM deliveries d
                     JOIN notifications n ON n.user_id = d.user_id AND n.id = d.notification_id
                     LEFT JOIN webhooks w ON d.channel = 1 AND w.id = d.target_id
@@ -998,6 +1134,7 @@ class PostgresNotifyStore:
                         secret=row[15],
                         platform=row[16],
                         token=row[17],
+                        webhook_active=row[18] in (None, WebhookState.ACTIVE),
                     )
                 )
             return claimed
@@ -1030,14 +1167,144 @@ class PostgresNotifyStore:
             )
 
 
+# One step of a retention walk over a table keyed by an increasing id: the next ``limit``
+# ids after ``after``, of which those created before the cutoff (and matching {extra}) are
+# deleted. Ids grow with time, so once a step meets rows newer than the cutoff the walk has
+# reached the retained part of the table and stops: no step scans more than ``limit`` rows.
+_PURGE_STEP = """
+WITH step AS (
+    SELECT id, create_time FROM {table} WHERE id > %(after)s ORDER BY id LIMIT %(limit)s
+), gone AS (
+    DELETE FROM {table} t USING step
+    WHERE t.id = step.id AND step.create_time < %(cutoff)s {extra}
+    RETURNING t.id
+)
+SELECT (SELECT max(id) FROM step),
+       (SELECT count(*) FROM step WHERE create_time >= %(cutoff)s),
+       (SELECT count(*) FROM gone)
+"""
+
+# What retention may delete, by name (the metric label) → the step's statement.
+_PURGES: dict[str, str] = {
+    "notifications": _PURGE_STEP.format(table="notifications", extra=""),
+    # Only finished deliveries: pending ones are still being attempted.
+    "deliveries": _PURGE_STEP.format(
+        table="deliveries",
+        extra=f"AND t.state IN ({DeliveryState.SUCCEEDED:d}, {DeliveryState.DEAD_LETTERED:d})",
+    ),
+}
+
+
+class RetentionStore:
+    """The deletes of :class:`~services.notify.retention.RetentionWorker`, in bounded steps
+    (short transactions, no long locks, no table scans).
+
+    :param pool: a pool on schema ``notify``.
+    """
+
+    LOCK_KEY = "notify.retention"
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[bool]:
+        """Hold the retention lock for the block; yields False if another replica has it.
+
+        A session advisory lock on a connection of its own: it is released when the block
+        ends, or when the process dies and its connection closes.
+        """
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.LOCK_KEY,)
+            )
+            row = await cursor.fetchone()
+            await conn.commit()
+            acquired = bool(row and row[0])
+            try:
+                yield acquired
+            finally:
+                if acquired:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.LOCK_KEY,)
+                    )
+                    await conn.commit()
+
+    async def purge_by_id(self, table: str, cutoff: dt.datetime, step_size: int) -> int:
+        """Delete the rows of ``table`` (a key of the id-keyed purges) created before
+        ``cutoff``; return how many."""
+        statement = _PURGES[table]
+        after, total = 0, 0
+        while True:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    statement, {"after": after, "limit": step_size, "cutoff": cutoff}
+                )
+                row = await cursor.fetchone()
+            assert row is not None
+            last, newer, deleted = row
+            total += int(deleted)
+            if last is None or newer:
+                return total
+            after = int(last)
+
+    async def purge_processed_events(self, cutoff: dt.datetime, step_size: int) -> int:
+        """Forget event ids applied before ``cutoff`` (the dedupe window); return how many."""
+        return await self._purge_until_done(
+            """DELETE FROM processed_events WHERE event_id IN (
+                   SELECT event_id FROM processed_events WHERE processed_at < %(cutoff)s
+                   ORDER BY processed_at LIMIT %(limit)s)""",
+            cutoff,
+            step_size,
+        )
+
+    async def purge_finished_fanouts(self, cutoff: dt.datetime, step_size: int) -> int:
+        """Delete fan-out jobs that finished (or were canceled) before ``cutoff``."""
+        return await self._purge_until_done(
+            """DELETE FROM fanout_jobs WHERE id IN (
+                   SELECT id FROM fanout_jobs
+                   WHERE state <> 1 AND finish_time < %(cutoff)s LIMIT %(limit)s)""",
+            cutoff,
+            step_size,
+        )
+
+    async def purge_finished_reminders(self, cutoff: dt.datetime, step_size: int) -> int:
+        """Delete reminders sent or canceled before ``cutoff``."""
+        return await self._purge_until_done(
+            """DELETE FROM reminders WHERE (space_id, user_id) IN (
+                   SELECT space_id, user_id FROM reminders
+                   WHERE state <> 1 AND update_time < %(cutoff)s LIMIT %(limit)s)""",
+            cutoff,
+            step_size,
+        )
+
+    async def _purge_until_done(self, statement: str, cutoff: dt.datetime, step_size: int) -> int:
+        total = 0
+        while True:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(statement, {"cutoff": cutoff, "limit": step_size})
+            total += max(cursor.rowcount, 0)
+            if cursor.rowcount < step_size:
+                return total
+
+
 class LimitReached(Exception):
     """A per-user limit (webhooks, devices) would be exceeded."""
 
 
 _WEBHOOK_COLUMNS = (
-    "id, user_id, url, kinds, secret, state, create_time, request_id, request_fingerprint"
+    "id, user_id, url, kinds, secret, state, create_time, request_id, request_fingerprint,"
+    " consecutive_failures, disabled_time, disabled_reason"
 )
 _DEVICE_COLUMNS = "id, user_id, platform, token, create_time, refresh_time"
+
+
+async def _fanout_owned(conn: Conn, job_id: uuid.UUID, owner: str) -> bool:
+    cursor = await conn.execute(
+        "SELECT 1 FROM fanout_jobs WHERE id = %s AND lease_owner = %s AND state = 1",
+        (job_id, owner),
+    )
+    return await cursor.fetchone() is not None
 
 
 async def _unread(conn: Conn, user_id: str) -> int:

@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 USER_AGENT = "Spaces-Webhooks/1"
+FCM_ENDPOINT = "https://fcm.googleapis.com"
 
 
 class UrlNotAllowed(Exception):
@@ -81,6 +82,8 @@ class AttemptResult:
     :ivar cause: metric label of the failure.
     :ivar permanent: retrying cannot help (dead-letter now).
     :ivar forget_target: the push service says the device is gone.
+    :ivar counts_for_health: the outcome says something about the receiver (it counts
+        towards disabling a failing webhook, or resets the count).
     """
 
     ok: bool
@@ -89,6 +92,7 @@ class AttemptResult:
     cause: str = ""
     permanent: bool = False
     forget_target: bool = False
+    counts_for_health: bool = True
 
 
 class AddressPolicy:
@@ -167,7 +171,6 @@ async def post_pinned(
     try:
         addresses = await policy.resolve(url)
     except UrlNotAllowed as error:
-        metrics.WEBHOOK_FAILURES.labels("address_refused").inc()
         return AttemptResult(False, error=str(error), cause="address_refused")
     target = httpx.URL(url)
     pinned = target.copy_with(host=addresses[0])
@@ -183,26 +186,21 @@ async def post_pinned(
             follow_redirects=False,
         )
     except httpx.TimeoutException:
-        metrics.WEBHOOK_FAILURES.labels("timeout").inc()
         return AttemptResult(False, error="timeout", cause="timeout")
     except httpx.ConnectError as error:
-        metrics.WEBHOOK_FAILURES.labels("connect").inc()
         text = "connection refused" if "refused" in str(error).lower() else "connection failed"
         return AttemptResult(False, error=text, cause="connect")
     except httpx.HTTPError as error:
-        metrics.WEBHOOK_FAILURES.labels("connect").inc()
         return AttemptResult(False, error=f"HTTP error: {type(error).__name__}", cause="connect")
     if 200 <= response.status_code < 300:
         return AttemptResult(True, status_code=response.status_code)
     if 300 <= response.status_code < 400:
-        metrics.WEBHOOK_FAILURES.labels("redirect").inc()
         return AttemptResult(
             False,
             status_code=response.status_code,
             error=f"HTTP {response.status_code} (redirects are not followed)",
             cause="redirect",
         )
-    metrics.WEBHOOK_FAILURES.labels("http_status").inc()
     return AttemptResult(
         False,
         status_code=response.status_code,
@@ -252,6 +250,7 @@ class FcmAdapter:
     :param project_id: Firebase project.
     :param access_token: OAuth2 bearer token; ``None`` switches the adapter off.
     :param timeout_s: request timeout.
+    :param endpoint: the FCM API's base URL (an operator's egress proxy, or a test server).
     """
 
     platform: int = resources_pb.PLATFORM_FCM
@@ -262,11 +261,13 @@ class FcmAdapter:
         project_id: str,
         access_token: str | None,
         timeout_s: float,
+        endpoint: str = FCM_ENDPOINT,
     ) -> None:
         self._client = client
         self._project_id = project_id
         self._token = access_token
         self._timeout_s = timeout_s
+        self._endpoint = endpoint.rstrip("/")
         self.enabled = bool(project_id and access_token)
         self.status = (
             f"FCM push is on (project {project_id})"
@@ -279,7 +280,7 @@ class FcmAdapter:
         """POST one message to the FCM v1 API."""
         if not self.enabled:
             return AttemptResult(False, error=self.status, cause="adapter_off", permanent=True)
-        url = f"https://fcm.googleapis.com/v1/projects/{self._project_id}/messages:send"
+        url = f"{self._endpoint}/v1/projects/{self._project_id}/messages:send"
         message = {
             "message": {
                 "token": token,
@@ -407,6 +408,7 @@ def build_push_adapters(
             settings.fcm_project_id,
             settings.fcm_access_token.get_secret_value() if settings.fcm_access_token else None,
             settings.webhook_timeout_s,
+            settings.fcm_endpoint,
         ),
         WebPushAdapter(
             client,
@@ -471,11 +473,14 @@ class DeliveryEngine:
 
     async def _deliver(self, delivery: ClaimedDelivery) -> None:
         channel = "webhook" if delivery.channel == Channel.WEBHOOK else "push"
+        started = time.perf_counter()
         try:
             result = await self._attempt(delivery)
         except Exception as error:
             logger.exception("delivery %d failed unexpectedly", delivery.id)
-            result = AttemptResult(False, error=f"internal error: {type(error).__name__}")
+            result = AttemptResult(
+                False, error=f"internal error: {type(error).__name__}", counts_for_health=False
+            )
         attempts = delivery.attempt_count + 1
         if result.ok:
             state, delay = DeliveryState.SUCCEEDED, None
@@ -488,7 +493,10 @@ class DeliveryEngine:
                 base_s=self._settings.webhook_backoff_base_s,
                 cap_s=self._settings.webhook_backoff_cap_s,
             )
+        metrics.DELIVERY_ATTEMPT_SECONDS.labels(channel).observe(time.perf_counter() - started)
         metrics.DELIVERIES.labels(channel, state.name.lower()).inc()
+        if not result.ok and delivery.channel == Channel.WEBHOOK:
+            metrics.WEBHOOK_FAILURES.labels(result.cause or "other").inc()
         await self._store.record_attempt(
             delivery.id,
             state=state,
@@ -498,12 +506,38 @@ class DeliveryEngine:
         )
         if result.forget_target and delivery.channel == Channel.PUSH:
             await self._store.remove_device(delivery.target_id)
+        if delivery.channel == Channel.WEBHOOK and result.counts_for_health:
+            await self._record_webhook_health(delivery, result)
+
+    async def _record_webhook_health(
+        self, delivery: ClaimedDelivery, result: AttemptResult
+    ) -> None:
+        if result.ok:
+            await self._store.record_webhook_success(delivery.target_id)
+            return
+        disabled = await self._store.record_webhook_failure(
+            delivery.target_id, result.error, self._settings.webhook_disable_after_failures
+        )
+        if disabled is not None:
+            metrics.WEBHOOKS_DISABLED.inc()
+            logger.warning(
+                "webhook %s of user %s disabled: %s",
+                disabled.id,
+                disabled.user_id,
+                disabled.disabled_reason,
+            )
 
     async def _attempt(self, delivery: ClaimedDelivery) -> AttemptResult:
         notification = delivery.notification
         if delivery.channel == Channel.WEBHOOK:
             if delivery.url is None or delivery.secret is None:
-                return AttemptResult(False, error="webhook deleted", permanent=True)
+                return AttemptResult(
+                    False, error="webhook deleted", permanent=True, counts_for_health=False
+                )
+            if not delivery.webhook_active:
+                return AttemptResult(
+                    False, error="webhook disabled", permanent=True, counts_for_health=False
+                )
             name = (
                 f"users/{notification.user_id}/webhooks/{delivery.target_id}"
                 f"/deliveries/{delivery.id}"

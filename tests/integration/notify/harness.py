@@ -10,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,68 @@ def notify_sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, .
         conn.execute("SET search_path TO notify")
         cur = conn.execute(query, params)  # type: ignore[arg-type]
         return list(cur.fetchall()) if cur.description else []
+
+
+@dataclass
+class Received:
+    """One request a :class:`Receiver` got."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """A real loopback HTTP server answering POSTs with scripted replies.
+
+    Each reply is a status, or a (status, JSON body) pair; the last one repeats. ``replies``
+    may be replaced while it runs (a receiver that recovers).
+    """
+
+    def __init__(self, replies: list[int | tuple[int, str]]) -> None:
+        self.replies = replies
+        self.requests: list[Received] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.requests.append(Received(self.path, dict(self.headers), body))
+                index = min(len(receiver.requests), len(receiver.replies)) - 1
+                reply = receiver.replies[index]
+                status, text = reply if isinstance(reply, tuple) else (reply, "")
+                payload = text.encode()
+                self.send_response(status)
+                if status in (301, 302):
+                    self.send_header("Location", "http://127.0.0.1:1/elsewhere")
+                if payload:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/hook"
+
+
+@contextmanager
+def receiving(replies: list[int | tuple[int, str]]) -> Iterator[Receiver]:
+    """Run a :class:`Receiver` for the block."""
+    receiver = Receiver(replies)
+    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

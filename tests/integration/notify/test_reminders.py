@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,7 +16,15 @@ from spaces.notify.v1 import notify_service_pb2 as pb
 from spaces.rooms.v1 import rooms_events_pb2 as rooms_events
 
 from tests.integration.identity.harness import Identity, reason
-from tests.integration.notify.harness import Notify, eventually, publish, stamp
+from tests.integration.notify.harness import (
+    Notify,
+    NotifyProcess,
+    eventually,
+    notify_sql,
+    process_env,
+    publish,
+    stamp,
+)
 
 Start = Callable[..., AbstractAsyncContextManager[Notify]]
 
@@ -49,8 +58,10 @@ async def test_reminder_fires_once_on_time_across_a_restart(
 
         await eventually(sent, timeout=10, interval=0.02)
         await asyncio.sleep(0.5)
-        rows = await one.sql("SELECT extract(epoch FROM sent_time - fire_time) FROM reminders")
-        assert 0 <= float(rows[0][0]) < 1.0
+        # Never early; how late is bench/notify_fanout.py's reminder_lateness_s (and the
+        # spaces_notify_reminder_lateness_seconds histogram), not a wall-clock assertion.
+        rows = await one.sql("SELECT sent_time >= fire_time FROM reminders")
+        assert rows == [(True,)]
         inbox = await one.sql("SELECT kind, space FROM notifications WHERE user_id = %s", fan)
         assert inbox == [(res.NOTIFICATION_KIND_SPACE_REMINDER, "spaces/sp")]
         with pytest.raises(grpc.aio.AioRpcError) as late:
@@ -121,7 +132,7 @@ async def test_reminders_move_with_reschedule_and_vanish_on_cancel(
 
     await eventually(host_reminded, timeout=5, interval=0.02)
     sent = (await notify.sql("SELECT sent_time FROM reminders WHERE user_id = %s", host))[0][0]
-    assert dt.timedelta(0) <= sent - new_start < dt.timedelta(seconds=1)
+    assert sent >= new_start  # moved: it fired at the new time, not before
 
     # The internal RPCs: schedule, move, cancel.
     meta = notify.service_metadata
@@ -190,3 +201,51 @@ async def test_internal_rpcs_refuse_users(notify: Notify, identity: Identity) ->
             metadata=identity.token_for(user),
         )
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_sigkill_while_reminders_fire_then_restart_sends_each_once(
+    database_url: str, redis_url: str, identity: Identity, tmp_path: Path
+) -> None:
+    """20,000 reminders fall due together; notify is SIGKILLed part-way through sending them
+    and started again: every reminder is sent exactly once, none before its time."""
+    process = NotifyProcess(
+        process_env(database_url, redis_url, identity, NOTIFY_CONSUMER_NAME="notify-rem"),
+        tmp_path / "notify.log",
+    )
+    await process.start()
+    try:
+        notify_sql(
+            database_url,
+            """INSERT INTO reminders (space_id, user_id, kind, fire_time)
+               SELECT 'crash-space', 'fan' || g, 2, now() + interval '1 second'
+               FROM generate_series(1, 20000) g""",
+        )
+
+        def sent() -> int:
+            return int(
+                notify_sql(database_url, "SELECT count(*) FROM reminders WHERE state = 2")[0][0]
+            )
+
+        async def some_sent() -> bool:
+            return sent() > 0
+
+        await eventually(some_sent, timeout=30, interval=0.01)
+        process.kill()
+        before = sent()
+        assert 0 < before < 20_000, before
+        await process.start()
+
+        async def all_sent() -> bool:
+            return sent() == 20_000
+
+        await eventually(all_sent, timeout=60, interval=0.1)
+    finally:
+        process.stop()
+    counts = notify_sql(
+        database_url,
+        """SELECT count(*), count(DISTINCT user_id) FROM notifications
+           WHERE kind = 3 AND space = 'spaces/crash-space'""",
+    )
+    assert counts == [(20_000, 20_000)]
+    early = notify_sql(database_url, "SELECT count(*) FROM reminders WHERE sent_time < fire_time")
+    assert early == [(0,)]

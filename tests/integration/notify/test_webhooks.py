@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 import pytest
@@ -17,52 +15,9 @@ from spaces.rooms.v1 import rooms_events_pb2 as rooms_events
 
 from services.notify.domain import verify_signature
 from tests.integration.identity.harness import Identity, reason
-from tests.integration.notify.harness import Notify, eventually, publish
+from tests.integration.notify.harness import Notify, eventually, publish, receiving
 
 Start = Callable[..., AbstractAsyncContextManager[Notify]]
-
-
-class Receiver:
-    """A loopback HTTP server answering with the scripted statuses (then the last one)."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.secret = ""
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
-                index = min(len(receiver.requests), len(receiver.statuses)) - 1
-                status = receiver.statuses[index]
-                self.send_response(status)
-                if status in (301, 302):
-                    self.send_header("Location", "http://127.0.0.1:1/elsewhere")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-
-@contextmanager
-def receiving(statuses: list[int]) -> Iterator[Receiver]:
-    receiver = Receiver(statuses)
-    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield receiver
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
 
 
 LOOPBACK_ALLOWED = {"webhook_allow_private_addresses": True, "webhook_allow_http": True}
@@ -114,9 +69,10 @@ async def test_signed_deliveries_are_retried_after_500s(
     delivery = listed.deliveries[0]
     assert delivery.attempt_count == 3 and delivery.last_status_code == 200
     names = set()
-    for headers, body in receiver.requests:
-        assert verify_signature(secret, headers["Spaces-Signature"], body)
-        assert not verify_signature("wrong", headers["Spaces-Signature"], body)
+    for received in receiver.requests:
+        header, body = received.headers["Spaces-Signature"], received.body
+        assert verify_signature(secret, header, body)
+        assert not verify_signature("wrong", header, body)
         payload = json.loads(body)
         names.add(payload["delivery"])
         assert payload["notification"]["kind"] == "NOTIFICATION_KIND_SPEAK_INVITATION"

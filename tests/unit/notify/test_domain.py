@@ -7,11 +7,13 @@ import random
 import time
 
 import pytest
+from pydantic import ValidationError
 from spaces.notify.v1 import notify_resources_pb2 as res
 
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.notify import domain
+from services.notify.settings import NotifySettings
 
 
 def test_signature_round_trip_and_replay_window() -> None:
@@ -119,3 +121,30 @@ def test_fanout_wording() -> None:
     )
     anonymous = domain.fanout_draft(res.NOTIFICATION_KIND_SPACE_SCHEDULED, "h", "s", "", "")
     assert anonymous.title == "Someone you follow scheduled a Space"
+
+
+def test_webhook_disabled_notice() -> None:
+    when = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+    draft = domain.webhook_disabled_draft("u1", "w1", "https://x.example/hook", "3 failed", when)
+    assert draft.user_id == "u1"
+    assert draft.kind == res.NOTIFICATION_KIND_WEBHOOK_DISABLED
+    assert draft.subject == "users/u1/webhooks/w1"
+    assert draft.body == "https://x.example/hook: 3 failed"
+    # One notice per disabling: a later disabling of the same webhook is a new notice.
+    later = domain.webhook_disabled_draft(
+        "u1", "w1", "https://x.example/hook", "3 failed", when.replace(hour=13)
+    )
+    assert later.dedupe_key != draft.dedupe_key
+
+
+def test_settings_refuse_keeping_notifications_shorter_than_deliveries() -> None:
+    with pytest.raises(ValidationError):
+        NotifySettings(
+            _env_file=None,  # type: ignore[call-arg]
+            retention_notifications=dt.timedelta(days=1),
+            retention_deliveries=dt.timedelta(days=2),
+        )
+    settings = NotifySettings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.retention_notifications == dt.timedelta(days=90)
+    assert settings.webhook_disable_after_failures == 100
+    assert settings.fanout_writers == 2
