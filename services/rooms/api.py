@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 from typing import Any
 
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
 from spaces.rooms.v1 import rooms_service_pb2 as pb
 from spaces.rooms.v1 import rooms_service_pb2_grpc as pb_grpc
 
@@ -24,9 +27,10 @@ from services.rooms.domain import InvitationKind, Role, SpeakPermission, State, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RoomsApi"]
+__all__ = ["RoomsApi", "add_to_server", "encode_response"]
 
 ME = "me"
+SERVICE = "spaces.rooms.v1.RoomsService"
 
 
 def _caller() -> str | None:
@@ -352,9 +356,7 @@ class RoomsApi(pb_grpc.RoomsServiceServicer):
 
     # --- streams and feeds --------------------------------------------------------------------
 
-    async def WatchSpace(
-        self, request: pb.WatchSpaceRequest, ctx: Any
-    ) -> AsyncIterator[pb.WatchSpaceResponse]:
+    async def WatchSpace(self, request: pb.WatchSpaceRequest, ctx: Any) -> AsyncIterator[bytes]:  # type: ignore[override]
         space_id = _space_id(request.name)
         await self._rooms.seen(space_id, _caller())
         async for message in self._live.watch(
@@ -406,3 +408,43 @@ class RoomsApi(pb_grpc.RoomsServiceServicer):
             request.from_node.removeprefix("mediaNodes/"),
         )
         return pb.RequestMediaReconnectResponse(notified_count=notified)
+
+
+def encode_response(message: Message | bytes) -> bytes:
+    """Response serializer passing pre-encoded messages through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Capture:
+    """Stands in for a server to catch the generated registration's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        del handlers  # rebuilt from the registered ones
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_to_server(servicer: RoomsApi, server: grpc.aio.Server) -> None:
+    """``add_RoomsServiceServicer_to_server``, with WatchSpace sending pre-encoded bytes.
+
+    A Space's live response is the same for each of its unfiltered watchers; the hub
+    serializes it once (:meth:`~services.rooms.live.LiveHub.watch_encoded`) and gRPC
+    passes the bytes through instead of serializing a message per watcher.
+    """
+    capture = _Capture()
+    pb_grpc.add_RoomsServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
+    handlers = capture.handlers
+    watch = handlers["WatchSpace"]
+    assert watch.unary_stream is not None
+    handlers["WatchSpace"] = grpc.unary_stream_rpc_method_handler(
+        watch.unary_stream,
+        request_deserializer=watch.request_deserializer,
+        response_serializer=encode_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    # As the generated code does (grpcio >= 1.63; the stubs do not know it yet).
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]

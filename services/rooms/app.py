@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import redis.asyncio
 from google.protobuf.message import Message
 from psycopg.errors import UniqueViolation
+from spaces.identity.v1 import identity_events_pb2
 from spaces.rooms.v1 import rooms_events_pb2 as ev
 from spaces.rooms.v1 import rooms_resources_pb2 as res
 from spaces.rooms.v1 import rooms_service_pb2 as pb
@@ -35,9 +36,11 @@ from services.common.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from services.common.events import StreamEvent
 from services.common.grants import MediaGrantSigner
 from services.common.ids import new_id
 from services.rooms import convert, domain
+from services.rooms.blocks import BlockCache
 from services.rooms.clients import Identity, Media, MediaSpaceNotOpen, Payments, Placement
 from services.rooms.domain import (
     Actor,
@@ -88,9 +91,9 @@ class EventLog(Protocol):
 class LiveWatch(Protocol):
     """Streams a Space's live events to one watcher (services.rooms.live)."""
 
-    def watch(
-        self, space_id: str, resume_token: str, principal: Principal
-    ) -> AsyncIterator[pb.WatchSpaceResponse]: ...
+    def watch(self, space_id: str, resume_token: str, principal: Principal) -> AsyncIterator[bytes]:
+        """Serialized WatchSpaceResponse messages (see services.rooms.api.add_to_server)."""
+        ...
 
 
 def utcnow() -> datetime:
@@ -134,6 +137,7 @@ class Rooms:
     :param redis: presence and rate limits.
     :param settings: rooms settings.
     :param link_key: key of join links and page tokens.
+    :param blocks: identity's block answers, cached (none by default: identity is asked).
     """
 
     def __init__(
@@ -148,8 +152,10 @@ class Rooms:
         redis: redis.asyncio.Redis,
         settings: RoomsSettings,
         link_key: bytes,
+        blocks: BlockCache | None = None,
     ) -> None:
         self._store = store
+        self._blocks = blocks or BlockCache(identity, None, ttl_s=0, max_size=1)
         self._events = events
         self._identity = identity
         self._payments = payments
@@ -181,6 +187,21 @@ class Rooms:
         for event in events:
             await self._events.append(tx.conn, space_id, event)
 
+    async def _announce_presence(self, tx: RoomsTx, p: Participant, event: ev.SpaceEvent) -> None:
+        """participant_joined or participant_left, as SpaceEvent promises: always for people
+        on stage, for listeners only while the Space is small (a big Space's watchers get
+        the coalesced participant_counts_changed instead of one event per listener)."""
+        if p.role is Role.LISTENER:
+            small = self._settings.listener_events_max
+            if await tx.active_count(p.space_id, small + 1) > small:
+                return
+        await self._append(tx, p.space_id, [event])
+
+    @staticmethod
+    def _recording_events(space: Space) -> list[ev.SpaceEvent]:
+        """recording_state_changed when a recorded Space goes live or ends (everyone sees it)."""
+        return [convert.recording_event(space)] if space.recording else []
+
     async def _host_follows(self, space: Space, user_id: str) -> bool:
         return await self._identity.follows(space.host_id, user_id)
 
@@ -199,7 +220,7 @@ class Rooms:
             invited = await tx.is_invited(space_id, user_id)
         if user_id == space.host_id:
             return Seen(space, me, invited)
-        blocked = bool(await self._identity.blocked_between(space.host_id, [user_id]))
+        blocked = await self._blocks.blocked(space.host_id, user_id)
         viewer = Viewer(
             user_id=user_id,
             blocked=blocked,
@@ -294,7 +315,8 @@ class Rooms:
                     token=token,
                     expire_time=convert.ts(grant.expire_time),
                     endpoint=res.MediaEndpoint(
-                        node=placement.node, uri=self._settings.media_public_uri
+                        node=placement.node,
+                        uri=placement.endpoint or self._settings.media_public_uri,
                     ),
                     may_publish=grant.may_publish,
                 ),
@@ -425,10 +447,13 @@ class Rooms:
                     live = await tx.live_space_of_host(caller)
                     if live is not None:
                         raise domain.host_already_live(live)
-                    origin = await self._media.open_space(space.id, space.recording)
+                    media = await self._media.open_space(space.id, space.recording)
                     opened = True
                     space = dataclasses.replace(
-                        domain.go_live(space, now), origin_node=origin, version=1
+                        domain.go_live(space, now),
+                        origin_node=media.origin,
+                        recording_name=media.recording,
+                        version=1,
                     )
                 else:
                     domain.check_scheduled_limit(
@@ -443,7 +468,11 @@ class Rooms:
                     await self._append(
                         tx,
                         space.id,
-                        [convert.joined_event(host), convert.counts_event(Counts(host=1))],
+                        [
+                            convert.joined_event(host),
+                            convert.counts_event(Counts(host=1)),
+                            *self._recording_events(space),
+                        ],
                     )
                     await outbox.append(
                         tx.conn,
@@ -483,30 +512,39 @@ class Rooms:
         size: int,
         token: str,
     ) -> pb.ListSpacesResponse:
-        """ListSpaces: pages of visible Spaces (hidden ones are skipped, not counted)."""
+        """ListSpaces: pages of visible Spaces (hidden ones are skipped, not counted).
+
+        Keyset paging: the token names the last Space the page went through (signed, bound
+        to the query), and the next page starts strictly after it in ListSpaces order, so
+        Spaces created or ended meanwhile never make the others repeat or go missing (a
+        Space whose state changes moves to its new place in the order, like any list).
+        """
         states = list(states) or [State.LIVE, State.SCHEDULED]
         query = f"{caller}|{host_id}|{sorted(int(s) for s in states)}"
         now = utcnow()
-        offset = self._pages.offset(token, query, now, None)
+        cursor = self._pages.after(token, query, now, None)
         size = size or 20
+        batch_size = size * 2
         result: list[res.Space] = []
-        while len(result) < size:
+        exhausted = False
+        while len(result) < size and not exhausted:
             async with self._store.transaction() as tx:
                 batch = await tx.list_spaces(
-                    host_id=host_id, states=states, offset=offset, limit=size * 2
+                    host_id=host_id, states=states, after=cursor, limit=batch_size
                 )
-            if not batch:
-                offset = -1
-                break
-            visible = await self._filter_visible(batch, caller)
-            for space in batch:
-                offset += 1
-                if space.id in visible:
-                    async with self._store.transaction() as tx:
+            visible = await self._filter_visible([space for space, _ in batch], caller)
+            taken = 0
+            async with self._store.transaction() as tx:
+                for space, key in batch:
+                    taken += 1
+                    cursor = key
+                    if space.id in visible:
                         result.append(await self._space_pb(tx, space, caller))
-                    if len(result) == size:
-                        break
-        next_token = self._pages.issue(query, offset, now) if offset >= 0 else ""
+                        if len(result) == size:
+                            break
+            exhausted = len(batch) < batch_size and taken == len(batch)
+        more = not exhausted and cursor is not None
+        next_token = self._pages.issue_after(query, cursor, now) if more and cursor else ""
         return pb.ListSpacesResponse(spaces=result, next_page_token=next_token)
 
     async def _filter_visible(self, spaces: Sequence[Space], caller: str | None) -> set[str]:
@@ -583,7 +621,7 @@ class Rooms:
             live = await tx.live_space_of_host(caller)
             if live is not None and live != space_id:
                 raise domain.host_already_live(live)
-        origin = await self._media.open_space(space_id, seen.space.recording)
+        media = await self._media.open_space(space_id, seen.space.recording)
         now = utcnow()
         async with self._store.transaction() as tx:
             space = await tx.get_space(space_id, lock=True)
@@ -592,7 +630,9 @@ class Rooms:
             after = domain.start(space, caller, now)
             if after is None:
                 return await self._space_pb(tx, space, caller)
-            after = dataclasses.replace(after, origin_node=origin)
+            after = dataclasses.replace(
+                after, origin_node=media.origin, recording_name=media.recording
+            )
             live = await tx.live_space_of_host(caller)
             if live is not None:
                 raise domain.host_already_live(live)
@@ -613,6 +653,7 @@ class Rooms:
                     convert.space_updated_event(message),
                     convert.joined_event(host),
                     convert.counts_event(Counts(host=1)),
+                    *self._recording_events(after),
                 ],
             )
             await outbox.append(
@@ -646,7 +687,9 @@ class Rooms:
         await tx.save_space(after)
         await tx.deactivate_all(after.id)
         message = await self._space_pb(tx, after, None)
-        await self._append(tx, after.id, [convert.space_ended_event(message)])
+        await self._append(
+            tx, after.id, [*self._recording_events(after), convert.space_ended_event(message)]
+        )
         await outbox.append(
             tx.conn,
             "space.ended",
@@ -726,7 +769,7 @@ class Rooms:
             participant = domain.join(current, caller, existing, counts, self._limits, now)
             if participant is not existing:
                 await tx.save_participant(participant)
-                await self._append(tx, space_id, [convert.joined_event(participant)])
+                await self._announce_presence(tx, participant, convert.joined_event(participant))
             token, grant = self._grants.sign(
                 space_id=space_id,
                 user_id=caller,
@@ -741,7 +784,8 @@ class Rooms:
                     token=token,
                     expire_time=convert.ts(grant.expire_time),
                     endpoint=res.MediaEndpoint(
-                        node=placement.node, uri=self._settings.media_public_uri
+                        node=placement.node,
+                        uri=placement.endpoint or self._settings.media_public_uri,
                     ),
                     may_publish=grant.may_publish,
                 ),
@@ -769,7 +813,7 @@ class Rooms:
                 return
             after = domain.leave(me)
             await tx.save_participant(after)
-            await self._append(tx, space_id, [convert.left_event(after)])
+            await self._announce_presence(tx, me, convert.left_event(after))
         await self._counts_changed(space_id)
         await self._push_media(after, removed=True)
 
@@ -1095,7 +1139,11 @@ class Rooms:
                     "captions are not produced for this Space", reason="CAPTIONS_UNAVAILABLE"
                 )
             after = dataclasses.replace(me, captions_enabled=enabled)
-            await tx.save_participant(after)
+            if after != me:
+                await tx.save_participant(after)
+                # Through the ordered log, so the watcher's open streams (on any replica)
+                # switch exactly here: caption segments after it follow the new setting.
+                await self._append(tx, space_id, [convert.captions_event(after)])
         return after
 
     # --- invitations, links, pins -------------------------------------------------------------
@@ -1409,6 +1457,24 @@ class Rooms:
             notified += 1
         return notified
 
+    async def on_identity_event(self, event: StreamEvent) -> None:
+        """Consume identity's events: a host who blocks someone in their live Space removes
+        them from it (blocked users never see or join the host's Spaces). Idempotent: a
+        repeated event finds them gone."""
+        if event.type != "user.blocked":
+            return
+        blocked = event.unpack(identity_events_pb2.UserBlockedEvent)
+        async with self._store.transaction() as tx:
+            space_id = await tx.live_space_of_host(blocked.blocker_id)
+            target = await tx.get_participant(space_id, blocked.blocked_id) if space_id else None
+        if space_id is None or target is None or not target.active:
+            return
+        logger.info("removing %s from space %s: the host blocked them", target.user_id, space_id)
+        try:
+            await self.remove_participant(blocked.blocker_id, space_id, target.user_id, False)
+        except (NotFound, FailedPrecondition):
+            return  # gone meanwhile, or the Space ended
+
     # --- discovery --------------------------------------------------------------------------
 
     async def discovery_feed(
@@ -1521,7 +1587,7 @@ class Rooms:
             ):
                 after_p = domain.leave(p)
                 await tx.save_participant(after_p)
-                await self._append(tx, p.space_id, [convert.left_event(after_p)])
+                await self._announce_presence(tx, p, convert.left_event(after_p))
                 dropped.append(after_p)
         for p in dropped:
             await self._push_media(p, removed=True)

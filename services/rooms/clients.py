@@ -41,6 +41,7 @@ __all__ = [
     "GrpcPayments",
     "HostEligibility",
     "MediaSpaceNotOpen",
+    "OpenedSpace",
     "Identity",
     "Media",
     "Payments",
@@ -77,6 +78,19 @@ class Placement:
     origin: bool
 
 
+@dataclass(frozen=True)
+class OpenedSpace:
+    """What media answered to OpenSpace.
+
+    :ivar origin: the Space's origin node id.
+    :ivar recording: the recording started, ``spaces/{space}/recordings/{recording}``; empty
+        when the Space is not recorded.
+    """
+
+    origin: str
+    recording: str = ""
+
+
 class Identity(Protocol):
     """What rooms needs from identity."""
 
@@ -110,8 +124,8 @@ class Payments(Protocol):
 class Media(Protocol):
     """What rooms needs from media's internal API."""
 
-    async def open_space(self, space_id: str, record: bool) -> str:
-        """Prepare media for a Space; return its origin node."""
+    async def open_space(self, space_id: str, record: bool) -> OpenedSpace:
+        """Prepare media for a Space; return its origin node and recording."""
         ...
 
     async def place(self, space_id: str, user_id: str, may_publish: bool, avoid: str) -> Placement:
@@ -285,7 +299,7 @@ class GrpcMedia:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = media_grpc.MediaServiceStub(channel)
 
-    async def open_space(self, space_id: str, record: bool) -> str:
+    async def open_space(self, space_id: str, record: bool) -> OpenedSpace:
         """Call OpenSpace."""
         try:
             with call_as(CallIdentity.SERVICE):
@@ -296,7 +310,7 @@ class GrpcMedia:
             if error.code() == grpc.StatusCode.UNAVAILABLE:
                 raise _no_capacity(error) from error
             raise _unavailable("media", error) from error
-        return response.origin_node.removeprefix("mediaNodes/")
+        return OpenedSpace(response.origin_node.removeprefix("mediaNodes/"), response.recording)
 
     async def place(self, space_id: str, user_id: str, may_publish: bool, avoid: str) -> Placement:
         """Call PlaceParticipant."""

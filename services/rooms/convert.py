@@ -242,6 +242,25 @@ def space_ended_event(space: res.Space) -> ev.SpaceEvent:
     return ev.SpaceEvent(space_ended=ev.SpaceEvent.SpaceEnded(space=space))
 
 
+def captions_event(p: Participant) -> ev.SpaceEvent:
+    """captions_setting_changed (only the participant's own streams show it)."""
+    return ev.SpaceEvent(
+        captions_setting_changed=ev.SpaceEvent.CaptionsSettingChanged(
+            participant=participant_name(p.space_id, p.user_id), enabled=p.captions_enabled
+        )
+    )
+
+
+def recording_event(space: Space) -> ev.SpaceEvent:
+    """recording_state_changed: the Space's recording state as it is now."""
+    return ev.SpaceEvent(
+        recording_state_changed=ev.SpaceEvent.RecordingStateChanged(
+            state=int(space.recording_state),  # type: ignore[arg-type]
+            recording=space.recording_name,
+        )
+    )
+
+
 def pinned_event(pinned: Pinned | None) -> ev.SpaceEvent:
     """pinned_message_changed."""
     return ev.SpaceEvent(

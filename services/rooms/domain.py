@@ -175,6 +175,7 @@ class Space:
     recording_state: RecordingState = RecordingState.NONE
     origin_node: str = ""
     version: int = 1
+    recording_name: str = ""
 
     @property
     def is_over(self) -> bool:

@@ -2,8 +2,11 @@
 
 Start-up (before health turns SERVING): apply the migrations of schema ``rooms``, open the
 pool and Redis, the channels to identity, payments and media, the live event log and hub,
-then start the outbox relay and the sweeper (absent hosts, Spaces never started, peers gone
-too long). Every replica runs the same; the sweeper's SKIP LOCKED keeps them apart.
+then start the outbox relay, the consumer of identity's events (a host's block removes the
+blocked user from their live Space; each replica also drops the pair from its block
+cache), the gauge reader and the sweeper (absent hosts, Spaces never started, peers gone
+too long). Every replica runs the same; the sweeper's SKIP LOCKED and the consumer group
+keep them apart.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from pathlib import Path
 import grpc.aio
 import redis.asyncio
 from spaces.rooms.v1 import rooms_service_pb2 as pb
-from spaces.rooms.v1 import rooms_service_pb2_grpc as pb_grpc
 
 from services.common.auth import JwksSource, ServiceTokenIssuer
 from services.common.clients import create_channel
 from services.common.db import Pool, create_pool
+from services.common.events import StreamConsumer, stream_name
 from services.common.grants import MediaGrantSettings, MediaGrantSigner, MediaGrantVerifier
 from services.common.jwks_client import IdentityJwksSource
 from services.common.migrations import migrate
@@ -31,8 +34,9 @@ from services.common.redis import create_redis
 from services.common.server import Service, run_service
 from services.common.settings import CommonSettings
 from services.common.tasks import reraise_if_cancelling, stop_tasks
-from services.rooms.api import RoomsApi
+from services.rooms.api import RoomsApi, add_to_server
 from services.rooms.app import Rooms, utcnow
+from services.rooms.blocks import BlockCache
 from services.rooms.clients import (
     IDENTITY_IDEMPOTENT,
     MEDIA_IDEMPOTENT,
@@ -42,6 +46,7 @@ from services.rooms.clients import (
     GrpcPayments,
 )
 from services.rooms.live import LiveHub, LiveSettings, SpaceEventLog
+from services.rooms.metrics import refresh_gauges
 from services.rooms.settings import RoomsSettings
 from services.rooms.store import PostgresSpaceStore
 from services.rooms.watching import Watching
@@ -95,7 +100,10 @@ class RoomsRuntime:
         self.hub: LiveHub | None = None
         self._channels: _Channels | None = None
         self._relay: OutboxRelay | None = None
+        self._identity_events: StreamConsumer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
+        self.blocks: BlockCache | None = None
 
     def _link_key(self) -> bytes:
         if self.settings.join_link_secret is not None:
@@ -150,28 +158,56 @@ class RoomsRuntime:
         await self.hub.start()
         secret = self.grant_settings.secret
         store = PostgresSpaceStore(self.pool)
+        identity = GrpcIdentity(self._channels.identity, issuer)
+        self.blocks = BlockCache(
+            identity,
+            self.redis,
+            ttl_s=self.settings.block_cache_ttl_s,
+            max_size=self.settings.block_cache_size,
+        )
+        await self.blocks.start()
         self.rooms = Rooms(
             store=store,
             events=self.event_log,
-            identity=GrpcIdentity(self._channels.identity, issuer),
+            identity=identity,
             payments=GrpcPayments(self._channels.payments),
             media=GrpcMedia(self._channels.media),
             grants=MediaGrantSigner(secret, ttl=timedelta(seconds=self.grant_settings.ttl_s)),
             redis=self.redis,
             settings=self.settings,
             link_key=self._link_key(),
+            blocks=self.blocks,
         )
         watching = Watching(store, self.hub, MediaGrantVerifier(secret))
         self.api.attach(self.rooms, watching)
         self._relay = OutboxRelay(url, SCHEMA, self.redis, SERVICE_NAME)
         self._relay.start()
+        self._identity_events = StreamConsumer(
+            self.redis,
+            stream_name("identity"),
+            SERVICE_NAME,
+            self.settings.consumer_name,
+            self.rooms.on_identity_event,
+            block_ms=500,
+        )
+        self._identity_events.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="rooms sweeper")
+        self._gauges = asyncio.create_task(self._observe_forever(), name="rooms gauges")
 
     async def stop(self) -> None:
         """Close what :meth:`start` opened, in reverse order (also after a partial start)."""
         if self._sweeper is not None:
             await stop_tasks([self._sweeper])
             self._sweeper = None
+        if self._gauges is not None:
+            await stop_tasks([self._gauges])
+            self._gauges = None
+        if self.blocks is not None:
+            await self.blocks.stop()
+            self.blocks = None
+        if self._identity_events is not None:
+            await self._identity_events.stop()
+            self._identity_events = None
         if self._relay is not None:
             await self._relay.stop()
             self._relay = None
@@ -192,6 +228,22 @@ class RoomsRuntime:
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
+
+    async def refresh_gauges(self) -> None:
+        """Read the deployment's live Spaces and participants by role into the gauges."""
+        if self.pool is not None:
+            await refresh_gauges(PostgresSpaceStore(self.pool))
+
+    async def _observe_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                reraise_if_cancelling()
+                logger.warning("reading the rooms gauges failed; will try again", exc_info=True)
+            await asyncio.sleep(self.settings.gauge_interval_s)
 
     async def _sweep_forever(self) -> None:
         last_purge = 0.0
@@ -236,7 +288,7 @@ def build_service(
     service.add_servicer(
         pb.DESCRIPTOR.services_by_name["RoomsService"],
         runtime.api,
-        pb_grpc.add_RoomsServiceServicer_to_server,
+        add_to_server,
     )
     service.on_startup(runtime.start)
     service.on_shutdown(runtime.stop)

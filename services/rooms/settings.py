@@ -14,6 +14,11 @@ Sample (every line shows the default)::
     ROOMS_PARTICIPANT_DISCONNECT_GRACE=PT2M
     ROOMS_START_GRACE=PT1H
     ROOMS_SWEEP_INTERVAL_S=5
+    ROOMS_GAUGE_INTERVAL_S=10
+    ROOMS_LISTENER_EVENTS_MAX=200
+    ROOMS_BLOCK_CACHE_TTL_S=2
+    ROOMS_BLOCK_CACHE_SIZE=100000
+    ROOMS_CONSUMER_NAME=<hostname>
     ROOMS_REACTIONS_PER_SECOND=5
     ROOMS_JOIN_LINK_SECRET=...              # 32+ random bytes
     ROOMS_JOIN_LINK_BASE_URI=https://spaces.example.org/join
@@ -23,6 +28,7 @@ Sample (every line shows the default)::
 from __future__ import annotations
 
 import logging
+import socket
 from datetime import timedelta
 
 from pydantic import Field, SecretStr, model_validator
@@ -103,6 +109,49 @@ class RoomsSettings(ServiceSettings):
         default=5.0,
         gt=0,
         description="How often each replica looks for absent hosts and stale Spaces. Default: 5.",
+    )
+
+    gauge_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "How often each replica reads the live Spaces and participants by role for its "
+            "gauges (spaces_rooms_live_spaces, spaces_rooms_participants). Default: 10."
+        ),
+    )
+
+    listener_events_max: int = Field(
+        default=200,
+        ge=0,
+        description=(
+            "Listeners' participant_joined / participant_left events go to watchers only "
+            "while the Space has at most this many participants; above it, watchers follow "
+            "the coalesced participant counts. Default: 200."
+        ),
+    )
+
+    # -- identity answers ----------------------------------------------------------------
+    block_cache_ttl_s: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "How long a replica reuses identity's answer to 'is there a block between this "
+            "host and this user' on the join/watch path; 0 turns the cache off. A new block "
+            "also drops the pair at once on every replica (identity's user.blocked event), "
+            "so this only bounds staleness when that event is late. Default: 2."
+        ),
+    )
+    consumer_name: str = Field(
+        default_factory=socket.gethostname,
+        description=(
+            "This replica's name in the 'rooms' consumer group of identity's events (a "
+            "block made by a live Space's host removes the blocked user). Default: hostname."
+        ),
+    )
+    block_cache_size: int = Field(
+        default=100_000,
+        ge=1,
+        description="Pairs the block cache holds (oldest dropped first). Default: 100000.",
     )
 
     # -- reactions ---------------------------------------------------------------------

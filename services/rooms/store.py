@@ -43,6 +43,7 @@ __all__ = [
     "PostgresSpaceStore",
     "PostgresTx",
     "RoomsTx",
+    "SpaceKey",
     "SpaceStore",
 ]
 
@@ -142,13 +143,15 @@ class RoomsTx(Protocol):
         *,
         host_id: str | None,
         states: Sequence[State],
-        offset: int,
+        after: SpaceKey | None,
         limit: int,
-    ) -> list[Space]: ...
+    ) -> list[tuple[Space, SpaceKey]]: ...
     async def feed_candidates(self, followed_ids: Sequence[str], limit: int) -> list[FeedRow]: ...
     async def absent_host_spaces(self, older_than: datetime, limit: int) -> list[Space]: ...
     async def overdue_scheduled(self, older_than: datetime, limit: int) -> list[Space]: ...
     async def stale_disconnected(self, older_than: datetime, limit: int) -> list[Participant]: ...
+    async def live_totals(self) -> tuple[int, Counts]: ...
+    async def active_count(self, space_id: str, at_most: int) -> int: ...
 
 
 class SpaceStore(Protocol):
@@ -163,13 +166,28 @@ _SPACE_COLUMNS = (
     "id, host_id, title, topics, state, visibility, speak_permission, ticketed, recording,"
     " scheduled_start_time, start_time, end_time, end_reason, create_time, update_time,"
     " pinned_text, pinned_uri, pinned_by, pin_time, captions_available, recording_state,"
-    " origin_node, version"
+    " origin_node, version, recording_name"
 )
+_SPACE_WIDTH = len(_SPACE_COLUMNS.split(","))
 _PARTICIPANT_COLUMNS = (
     "space_id, user_id, role, active, muted, hand_raise_time, captions_enabled, join_time,"
     " role_time, invitation_kind, inviter_id, invitation_time, connected, media_session,"
     " session_time, disconnected_since, revision"
 )
+
+
+# ListSpaces order as a key that only grows: the state's group (live, scheduled, over), then
+# microseconds since the epoch (negated where the newest come first), then the id.
+_LIST_BUCKET = "(CASE state WHEN 2 THEN 0 WHEN 1 THEN 1 ELSE 2 END)"
+_LIST_SORT_KEY = (
+    "(CASE WHEN state = 2 THEN -1 WHEN state = 1 THEN 1 ELSE -1 END"
+    " * (extract(epoch FROM CASE state WHEN 2 THEN coalesce(start_time, create_time)"
+    " WHEN 1 THEN coalesce(scheduled_start_time, create_time)"
+    " ELSE coalesce(end_time, update_time) END) * 1000000)::bigint)"
+)
+
+SpaceKey = tuple[int, int, str]
+"""A Space's position in ListSpaces order: (state group, time key, id)."""
 
 
 def _space(row: Sequence[Any]) -> Space:
@@ -197,6 +215,7 @@ def _space(row: Sequence[Any]) -> Space:
         recording_state=RecordingState(row[20]),
         origin_node=row[21],
         version=row[22],
+        recording_name=row[23],
     )
 
 
@@ -248,6 +267,7 @@ def _space_values(space: Space) -> tuple[Any, ...]:
         int(space.recording_state),
         space.origin_node,
         space.version,
+        space.recording_name,
         space.id,
     )
 
@@ -287,10 +307,10 @@ class PostgresTx:
             "INSERT INTO spaces (host_id, title, topics, state, visibility, speak_permission,"
             " ticketed, recording, scheduled_start_time, start_time, end_time, end_reason,"
             " create_time, update_time, pinned_text, pinned_uri, pinned_by, pin_time,"
-            " captions_available, recording_state, origin_node, version, id,"
+            " captions_available, recording_state, origin_node, version, recording_name, id,"
             " host_absent_since)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-            " %s, %s, %s, %s, %s, CASE WHEN %s::int = 2 THEN %s::timestamptz END)"
+            " %s, %s, %s, %s, %s, %s, CASE WHEN %s::int = 2 THEN %s::timestamptz END)"
             " ON CONFLICT DO NOTHING",
             (*_space_values(space), int(space.state), space.start_time),
         )
@@ -304,7 +324,7 @@ class PostgresTx:
             " scheduled_start_time = %s, start_time = %s, end_time = %s, end_reason = %s,"
             " create_time = %s, update_time = %s, pinned_text = %s, pinned_uri = %s,"
             " pinned_by = %s, pin_time = %s, captions_available = %s, recording_state = %s,"
-            " origin_node = %s, version = %s WHERE id = %s",
+            " origin_node = %s, version = %s, recording_name = %s WHERE id = %s",
             _space_values(space),
         )
 
@@ -615,21 +635,24 @@ class PostgresTx:
         *,
         host_id: str | None,
         states: Sequence[State],
-        offset: int,
+        after: SpaceKey | None,
         limit: int,
-    ) -> list[Space]:
-        """Spaces in ListSpaces order: live newest first, scheduled soonest, over latest."""
+    ) -> list[tuple[Space, SpaceKey]]:
+        """Spaces in ListSpaces order (live newest first, scheduled soonest, over latest),
+        each with its position; only those after ``after`` (keyset paging: a Space added
+        meanwhile never shifts the pages already read)."""
+        bucket, key, last_id = after if after is not None else (None, None, None)
         rows = await self._all(
-            f"SELECT {_SPACE_COLUMNS} FROM spaces WHERE state = ANY(%s)"
-            " AND (%s::text IS NULL OR host_id = %s)"
-            " ORDER BY CASE state WHEN 2 THEN 0 WHEN 1 THEN 1 ELSE 2 END,"
-            " CASE WHEN state = 2 THEN start_time END DESC,"
-            " CASE WHEN state = 1 THEN scheduled_start_time END ASC,"
-            " CASE WHEN state IN (3, 4) THEN end_time END DESC, id"
-            " OFFSET %s LIMIT %s",
-            ([int(s) for s in states], host_id, host_id, offset, limit),
+            f"SELECT {_SPACE_COLUMNS}, bucket, sort_key FROM ("
+            f"  SELECT {_SPACE_COLUMNS}, {_LIST_BUCKET} AS bucket, {_LIST_SORT_KEY} AS sort_key"
+            "   FROM spaces WHERE state = ANY(%s) AND (%s::text IS NULL OR host_id = %s)"
+            ") listed"
+            " WHERE %s::int IS NULL OR (bucket, sort_key, id) > (%s::int, %s::bigint, %s::text)"
+            " ORDER BY bucket, sort_key, id LIMIT %s",
+            ([int(s) for s in states], host_id, host_id, bucket, bucket, key, last_id, limit),
         )
-        return [_space(r) for r in rows]
+        width = _SPACE_WIDTH
+        return [(_space(r), (int(r[width]), int(r[width + 1]), str(r[0]))) for r in rows]
 
     async def feed_candidates(self, followed_ids: Sequence[str], limit: int) -> list[FeedRow]:
         """Live Spaces the followed users host or are in, and their scheduled Spaces.
@@ -657,10 +680,11 @@ class PostgresTx:
             (list(followed_ids), limit),
         )
         result = []
+        width = _SPACE_WIDTH
         for row in rows:
-            users, roles = row[23], row[24]
+            users, roles = row[width], row[width + 1]
             followed = tuple((str(u), Role(r)) for u, r in zip(users, roles, strict=True))
-            result.append(FeedRow(_space(row[:23]), followed))
+            result.append(FeedRow(_space(row[:width]), followed))
         return result
 
     # -- sweeper -----------------------------------------------------------------------------
@@ -697,6 +721,32 @@ class PostgresTx:
             (older_than, limit),
         )
         return [_participant(r) for r in rows]
+
+    async def active_count(self, space_id: str, at_most: int) -> int:
+        """People in the Space now, counted up to ``at_most`` (so a big Space costs no more)."""
+        row = await self._one(
+            "SELECT count(*) FROM (SELECT 1 FROM participants WHERE space_id = %s AND active"
+            " LIMIT %s) present",
+            (space_id, at_most),
+        )
+        return int(row[0]) if row else 0
+
+    async def live_totals(self) -> tuple[int, Counts]:
+        """Live Spaces, and the people in them by role (the metrics' gauges)."""
+        row = await self._one("SELECT count(*) FROM spaces WHERE state = 2", ())
+        rows = await self._all(
+            "SELECT p.role, count(*) FROM participants p JOIN spaces s ON s.id = p.space_id"
+            " WHERE s.state = 2 AND p.active GROUP BY p.role",
+            (),
+        )
+        by_role = {Role(role): int(n) for role, n in rows}
+        counts = Counts(
+            by_role.get(Role.HOST, 0),
+            by_role.get(Role.CO_HOST, 0),
+            by_role.get(Role.SPEAKER, 0),
+            by_role.get(Role.LISTENER, 0),
+        )
+        return (int(row[0]) if row else 0), counts
 
     async def purge_idempotency(self, older_than: datetime) -> int:
         """Forget idempotency keys older than ``older_than``."""

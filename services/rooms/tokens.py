@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -97,6 +98,31 @@ class PageTokens:
     def __init__(self, key: bytes) -> None:
         self._signer = _Signer(key, "page-token")
 
+    def issue_after(self, query: str, key: Sequence[int | str], now: datetime) -> str:
+        """A token for the page after position ``key`` (a keyset position) of ``query``."""
+        return self._signer.sign({"q": query, "k": list(key), "t": int(now.timestamp())})
+
+    def after(
+        self, token: str, query: str, now: datetime, max_age: timedelta | None
+    ) -> tuple[int, int, str] | None:
+        """The position a keyset token names (None for no token: the first page).
+
+        :raises InvalidArgument: PAGE_TOKEN_INVALID (malformed, forged, other query, an
+            offset token, too old).
+        """
+        if not token:
+            return None
+        payload = self._open(token, query, now, max_age)
+        key = payload.get("k")
+        if (
+            not isinstance(key, list)
+            or len(key) != 3
+            or not all(type(part) is int for part in key[:2])
+            or not isinstance(key[2], str)
+        ):
+            raise _invalid()
+        return int(key[0]), int(key[1]), str(key[2])
+
     def issue(self, query: str, offset: int, now: datetime) -> str:
         """A token for the page starting at ``offset`` of ``query``."""
         return self._signer.sign({"q": query, "o": offset, "t": int(now.timestamp())})
@@ -108,16 +134,25 @@ class PageTokens:
         """
         if not token:
             return 0
+        payload = self._open(token, query, now, max_age)
+        offset = payload.get("o")
+        if type(offset) is not int or offset < 0:
+            raise _invalid()
+        return offset
+
+    def _open(
+        self, token: str, query: str, now: datetime, max_age: timedelta | None
+    ) -> dict[str, Any]:
         payload = self._signer.open(token)
-        if (
-            payload is None
-            or payload.get("q") != query
-            or not isinstance(payload.get("o"), int)
-            or payload["o"] < 0
-            or (
-                max_age is not None
-                and now.timestamp() - payload.get("t", 0) > max_age.total_seconds()
-            )
-        ):
-            raise InvalidArgument("page_token is not valid here", reason="PAGE_TOKEN_INVALID")
-        return int(payload["o"])
+        if payload is None or payload.get("q") != query:
+            raise _invalid()
+        issued = payload.get("t", 0)
+        if type(issued) is not int:
+            raise _invalid()
+        if max_age is not None and now.timestamp() - issued > max_age.total_seconds():
+            raise _invalid()
+        return payload
+
+
+def _invalid() -> InvalidArgument:
+    return InvalidArgument("page_token is not valid here", reason="PAGE_TOKEN_INVALID")

@@ -3,6 +3,10 @@
 The live package streams events; rooms decides who sees what (SpaceEvent's rules): raised
 hands and invitations go to the moderators and the participant concerned, caption segments
 to participants with captions on, a media_reconnect only to the participant it moves.
+
+Each stream's filter follows the watcher's own changes as they go by in the Space's order
+(a role change, a captions_setting_changed), so turning captions on or off, or becoming a
+co-host, takes effect on the stream already open, exactly at that event.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from spaces.rooms.v1 import rooms_events_pb2 as ev
-from spaces.rooms.v1 import rooms_service_pb2 as pb
 
 from services.common.auth import Principal
 from services.common.grants import MediaGrantVerifier
@@ -28,9 +31,9 @@ _PRIVATE = ("hand_raised", "hand_lowered", "invitation_changed")
 
 
 class Hub(Protocol):
-    """The live hub's watch (services.rooms.live.LiveHub.watch)."""
+    """The live hub's watch (services.rooms.live.LiveHub.watch_encoded)."""
 
-    def watch(
+    def watch_encoded(
         self,
         space_id: str,
         resume_token: str,
@@ -38,7 +41,7 @@ class Hub(Protocol):
         *,
         participant_filter: Callable[[ev.SpaceEvent], bool] | None = None,
         principal: Principal | None = None,
-    ) -> AsyncIterator[pb.WatchSpaceResponse]: ...
+    ) -> AsyncIterator[bytes]: ...
 
 
 class WatcherFilter:
@@ -65,6 +68,17 @@ class WatcherFilter:
         self._moderator = moderator
         self._captions = captions
         self._grants = grants
+        self.removed = False
+
+    def reset(self, *, moderator: bool, captions: bool) -> None:
+        """Start over from what a snapshot read (the events after it update it again)."""
+        self._moderator = moderator
+        self._captions = captions
+
+    @property
+    def captions(self) -> bool:
+        """Whether caption segments reach this watcher now."""
+        return self._captions
 
     def __call__(self, event: ev.SpaceEvent) -> bool:
         if self._me is None:
@@ -73,6 +87,18 @@ class WatcherFilter:
         if kind == "role_changed" and event.role_changed.participant.name == self._me:
             role = Role(event.role_changed.new_role)
             self._moderator = role.moderates
+        if kind == "captions_setting_changed":
+            # The watcher's own setting, in the Space's order: the caption segments after
+            # it follow it, on this stream, whichever replica the change was made on.
+            if event.captions_setting_changed.participant != self._me:
+                return False
+            self._captions = event.captions_setting_changed.enabled
+            return True
+        if kind == "participant_left" and event.participant_left.participant == self._me:
+            self._captions = False
+        if kind == "participant_removed" and event.participant_removed.participant == self._me:
+            # The contract: a removed watcher's stream ends after the response carrying it.
+            self.removed = True
         if kind in _PRIVATE:
             payload: Any = getattr(event, kind)
             target = payload.participant
@@ -83,14 +109,6 @@ class WatcherFilter:
         if kind == "media_reconnect":
             return self._reconnect_is_mine(event)
         return True
-
-    def removed_in(self, response: pb.WatchSpaceResponse) -> bool:
-        """Whether ``response`` removes this watcher from the Space."""
-        return self._me is not None and any(
-            e.WhichOneof("event") == "participant_removed"
-            and e.participant_removed.participant == self._me
-            for e in response.events
-        )
 
     def _reconnect_is_mine(self, event: ev.SpaceEvent) -> bool:
         if self._grants is None:
@@ -117,6 +135,13 @@ class Watching:
 
     async def snapshot(self, space_id: str, principal: Principal | None) -> ev.SpaceEvent.Snapshot:
         """The Space as the watcher may see it now."""
+        snapshot, _, _ = await self._snapshot(space_id, principal)
+        return snapshot
+
+    async def _snapshot(
+        self, space_id: str, principal: Principal | None
+    ) -> tuple[ev.SpaceEvent.Snapshot, bool, bool]:
+        """The snapshot, whether the watcher moderates, and whether it has captions on."""
         user_id = principal.user_id if principal is not None and principal.is_user else None
         async with self._store.transaction() as tx:
             space = await tx.get_space(space_id)
@@ -149,14 +174,15 @@ class Watching:
             if moderator
             else [],
         )
+        captions = user_id is None or (me is not None and me.active and me.captions_enabled)
         if me is not None and me.active:
             snapshot.caller_participant.CopyFrom(convert.participant_pb(me))
-        return snapshot
+        return snapshot, moderator, captions
 
     async def watch(
         self, space_id: str, resume_token: str, principal: Principal
-    ) -> AsyncIterator[pb.WatchSpaceResponse]:
-        """The WatchSpace stream for an authorized watcher."""
+    ) -> AsyncIterator[bytes]:
+        """The WatchSpace stream for an authorized watcher, as serialized responses."""
         user_id = principal.user_id if principal.is_user else None
         moderator = True
         captions = True
@@ -172,14 +198,23 @@ class Watching:
         event_filter = WatcherFilter(
             space_id, user_id, moderator=moderator, captions=captions, grants=self._grants
         )
-        async for response in self._hub.watch(
+
+        async def snapshot(space_id: str, principal: Principal | None) -> ev.SpaceEvent.Snapshot:
+            # The hub takes the stream's position before asking for the snapshot: the
+            # filter starts from what the snapshot read, and every event after that
+            # position (a captions or role change included) updates it in order.
+            message, moderator, captions = await self._snapshot(space_id, principal)
+            event_filter.reset(moderator=moderator, captions=captions)
+            return message
+
+        async for response in self._hub.watch_encoded(
             space_id,
             resume_token,
-            self.snapshot,
+            snapshot,
             participant_filter=event_filter,
             principal=principal,
         ):
             yield response
-            if event_filter.removed_in(response):
+            if event_filter.removed:
                 # The contract: a removed watcher's stream ends after its removal.
                 return

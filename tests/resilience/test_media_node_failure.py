@@ -34,7 +34,6 @@ from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard_since
 from tools.devstack import ROOT, Stack, free_port
 
-
 pytestmark = pytest.mark.resilience
 
 

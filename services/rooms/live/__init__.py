@@ -25,6 +25,10 @@ In a servicer::
     async def WatchSpace(self, request, context):
         async for response in hub.watch(space_id, request.resume_token, snapshot):
             yield response
+
+``hub.watch_encoded`` yields the same responses already serialized, for a method registered
+with a pass-through serializer (``services.rooms.api.add_to_server``): a live response
+shared by a Space's watchers is then encoded once, not once per watcher.
 """
 
 from services.rooms.live.codec import EPHEMERAL_KINDS, stream_key

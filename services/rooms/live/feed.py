@@ -17,7 +17,7 @@ import time
 from spaces.rooms.v1 import rooms_service_pb2
 
 from services.rooms.live.codec import EncodedEvent
-from services.rooms.live.metrics import FEED_LAG
+from services.rooms.live.metrics import DELIVERED, FEED_LAG
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,17 @@ def _seconds(event: EncodedEvent) -> float:
 
 
 _WAKE_CHUNK = 256
+
+
+def _field_one(data: bytes) -> bytes:
+    """``data`` as field 1 (length-delimited) of a message: tag, length, bytes."""
+    size = len(data)
+    prefix = bytearray(b"\x0a")
+    while size > 0x7F:
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + data
 
 
 class FellBehind(Exception):
@@ -76,6 +87,7 @@ class SpaceFeed:
         self._waiters: list[asyncio.Future[None]] = []
         self._wake_handle: asyncio.TimerHandle | None = None
         self._responses: dict[tuple[int, int], rooms_service_pb2.WatchSpaceResponse] = {}
+        self._encoded: dict[tuple[int, int], bytes] = {}
 
     async def wait(self, generation: int) -> None:
         """Return once the feed has changed since it was at ``generation``.
@@ -95,7 +107,7 @@ class SpaceFeed:
             return
         self.known_max = max(self.known_max, event.seq)
         self._pending[event.seq] = event
-        released = False
+        released = 0
         while self.next_seq in self._pending:
             released_event = self._pending.pop(self.next_seq)
             if self.end_seq is None and released_event.kind == "space_ended":
@@ -103,9 +115,10 @@ class SpaceFeed:
                 self.end_seq = released_event.seq
             self._ring[self.next_seq] = released_event
             self.next_seq += 1
-            released = True
+            released += 1
             FEED_LAG.observe(max(0.0, time.time() - _seconds(released_event)))
         if released:
+            DELIVERED.inc(released * self.watchers)
             self._trim()
             self._schedule_wake()
 
@@ -164,6 +177,27 @@ class SpaceFeed:
                 del self._responses[next(iter(self._responses))]
             self._responses[key] = response
         return response
+
+    def encoded(self, events: list[EncodedEvent]) -> bytes:
+        """Return the serialized message carrying ``events`` (a contiguous run), encoded
+        once and shared by every unfiltered watcher sending that same run.
+
+        Built from the events' own bytes: a ``WatchSpaceResponse`` is its repeated
+        ``events`` field (number 1) and nothing else, so nothing is parsed or re-encoded.
+        """
+        key = (events[0].seq, events[-1].seq)
+        data = self._encoded.get(key)
+        if data is None:
+            data = b"".join(_field_one(e.data) for e in events)
+            if len(self._encoded) >= _RESPONSE_CACHE:
+                del self._encoded[next(iter(self._encoded))]
+            self._encoded[key] = data
+        return data
+
+    @staticmethod
+    def encoded_alone(events: list[EncodedEvent]) -> bytes:
+        """Return the serialized message carrying ``events`` (any subset, not shared)."""
+        return b"".join(_field_one(e.data) for e in events)
 
     def close(self) -> None:
         """Stop: wake every watcher so it notices and ends."""

@@ -114,7 +114,7 @@ class LiveHub:
         except Exception:
             logger.debug("could not delete the hub's control stream", exc_info=True)
 
-    async def watch(
+    def watch(
         self,
         space_id: str,
         resume_token: str,
@@ -123,6 +123,53 @@ class LiveHub:
         participant_filter: EventFilter | None = None,
         principal: Principal | None = None,
     ) -> AsyncIterator[rooms_service_pb2.WatchSpaceResponse]:
+        """Stream ``space_id``'s events: the WatchSpace stream, minus authorization.
+
+        See :meth:`watch_encoded` for the parameters; this yields messages.
+        """
+        return self._stream(  # type: ignore[return-value]
+            space_id,
+            resume_token,
+            snapshot_provider,
+            participant_filter=participant_filter,
+            principal=principal,
+            encoded=False,
+        )
+
+    def watch_encoded(
+        self,
+        space_id: str,
+        resume_token: str,
+        snapshot_provider: SnapshotProvider,
+        *,
+        participant_filter: EventFilter | None = None,
+        principal: Principal | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Stream ``space_id``'s events as serialized ``WatchSpaceResponse`` messages.
+
+        For a gRPC method whose response serializer passes ``bytes`` through (see
+        ``services.rooms.api.add_to_server``): a live response that every unfiltered
+        watcher sends is then encoded once for all of them, not once per watcher.
+        """
+        return self._stream(  # type: ignore[return-value]
+            space_id,
+            resume_token,
+            snapshot_provider,
+            participant_filter=participant_filter,
+            principal=principal,
+            encoded=True,
+        )
+
+    async def _stream(
+        self,
+        space_id: str,
+        resume_token: str,
+        snapshot_provider: SnapshotProvider,
+        *,
+        participant_filter: EventFilter | None,
+        principal: Principal | None,
+        encoded: bool,
+    ) -> AsyncIterator[rooms_service_pb2.WatchSpaceResponse | bytes]:
         """Stream ``space_id``'s events: the WatchSpace stream, minus authorization.
 
         Starts with a snapshot, or, given a resume token still covered by retention, with
@@ -159,6 +206,7 @@ class LiveHub:
                 principal,
                 participant_filter,
                 self.settings.replay_batch_size,
+                encoded=encoded,
             )
             async for response in session.responses():
                 yield response

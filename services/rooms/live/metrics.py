@@ -10,7 +10,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "APPENDED",
+    "DELIVERED",
     "FEED_LAG",
+    "PUBLISHED",
     "PUBLISH_FAILURES",
     "REPAIRED",
     "WATCHED_SPACES",
@@ -22,6 +24,16 @@ APPENDED = Counter(
     "spaces_rooms_live_events_appended_total",
     "Events appended to Spaces' logs by this process, by kind (the SpaceEvent oneof field).",
     ["kind"],
+)
+PUBLISHED = Counter(
+    "spaces_rooms_live_events_published_total",
+    "Events this process appended whose transaction committed; each then reaches the "
+    "Space's watchers on every replica. sum(rate()) across replicas is events/s published.",
+)
+DELIVERED = Counter(
+    "spaces_rooms_live_event_deliveries_total",
+    "Events released to this process's watchers, once per watcher of the Space (the fan-out "
+    "work; a watcher's filter may still hold some back).",
 )
 PUBLISH_FAILURES = Counter(
     "spaces_rooms_live_publish_failures_total",

@@ -29,7 +29,7 @@ from psycopg import AsyncConnection, sql
 
 from services.common.tasks import reraise_if_cancelling, stop_tasks
 from services.rooms.live.codec import assemble, stream_key
-from services.rooms.live.metrics import PUBLISH_FAILURES
+from services.rooms.live.metrics import PUBLISH_FAILURES, PUBLISHED
 from services.rooms.live.settings import LiveSettings
 from services.rooms.live.tokens import ResumeTokens
 
@@ -152,6 +152,7 @@ class CommitPublisher:
         if held is None:
             return
         seq = int(seq_text)
+        PUBLISHED.inc()
         data = assemble(self._tokens, held.space_id, seq, held.event_time, held.body)
         self._ready.append((held.space_id, seq, data))
         self._wake.set()

@@ -47,6 +47,9 @@ class WatchSession:
     :param principal: the watcher, passed to ``snapshot_provider``.
     :param event_filter: which events this watcher may see; ``None`` for all.
     :param replay_batch_size: most events per response while replaying.
+    :param encoded: yield each response serialized (``bytes``), for a gRPC method whose
+        response serializer passes bytes through: the live responses every unfiltered
+        watcher shares are then encoded once for all of them.
     """
 
     def __init__(
@@ -60,6 +63,8 @@ class WatchSession:
         principal: Principal | None,
         event_filter: EventFilter | None,
         replay_batch_size: int,
+        *,
+        encoded: bool = False,
     ) -> None:
         self._space_id = space_id
         self._after = after
@@ -70,17 +75,18 @@ class WatchSession:
         self._principal = principal
         self._filter = event_filter
         self._replay_batch_size = replay_batch_size
+        self._encoded = encoded
         self._cursor = 0
         self._over = False
 
-    async def responses(self) -> AsyncIterator[rooms_service_pb2.WatchSpaceResponse]:
-        """Yield the stream's messages; ends after space_ended.
+    async def responses(self) -> AsyncIterator[rooms_service_pb2.WatchSpaceResponse | bytes]:
+        """Yield the stream's messages (serialized if ``encoded``); ends after space_ended.
 
         :raises Unavailable: WATCHER_TOO_SLOW when the watcher fell too far behind, or
             WATCH_INTERRUPTED when this replica stops; the client resumes with its last token.
         """
         async for response in self._catch_up():
-            yield response
+            yield response.SerializeToString() if self._encoded else response
         while not self._over:
             if self._feed.closed:
                 raise Unavailable(
@@ -108,15 +114,16 @@ class WatchSession:
 
     def _live_response(
         self, events: list[EncodedEvent]
-    ) -> rooms_service_pb2.WatchSpaceResponse | None:
-        if self._filter is None:
-            return self._feed.response(events)
-        visible = [e for e in events if self._filter(e.event)]
-        if len(visible) == len(events):
-            return self._feed.response(events)
-        if not visible:
-            return None
-        return rooms_service_pb2.WatchSpaceResponse(events=[e.event for e in visible])
+    ) -> rooms_service_pb2.WatchSpaceResponse | bytes | None:
+        if self._filter is not None:
+            visible = [e for e in events if self._filter(e.event)]
+            if not visible:
+                return None
+            if len(visible) != len(events):
+                if self._encoded:
+                    return self._feed.encoded_alone(visible)
+                return rooms_service_pb2.WatchSpaceResponse(events=[e.event for e in visible])
+        return self._feed.encoded(events) if self._encoded else self._feed.response(events)
 
     async def _catch_up(self) -> AsyncIterator[rooms_service_pb2.WatchSpaceResponse]:
         if self._after is not None:

@@ -63,3 +63,24 @@ def test_media_grant_round_trip() -> None:
     assert caught.value.reason == "GRANT_EXPIRED"
     with pytest.raises(ValueError):
         MediaGrantSigner("short")
+
+
+def test_keyset_page_tokens_round_trip_and_refuse_everything_else() -> None:
+    pages = PageTokens(KEY)
+    token = pages.issue_after("q", (0, -1_700_000_000_000_000, "abc"), NOW)
+    assert pages.after(token, "q", NOW, None) == (0, -1_700_000_000_000_000, "abc")
+    assert pages.after("", "q", NOW, None) is None
+    other_key = PageTokens(b"x" * 32).issue_after("q", (0, 1, "a"), NOW)
+    offset_token = pages.issue("q", 5, NOW)
+    bad = [token[:-2], "garbage", f"{token}x", other_key, offset_token, "a.b", "."]
+    for candidate in bad:
+        with pytest.raises(ServiceError) as caught:
+            pages.after(candidate, "q", NOW, None)
+        assert caught.value.reason == "PAGE_TOKEN_INVALID", candidate
+    with pytest.raises(ServiceError):
+        pages.after(token, "another query", NOW, None)
+    with pytest.raises(ServiceError):
+        pages.after(token, "q", NOW + timedelta(hours=1), timedelta(minutes=10))
+    # An offset query refuses a keyset token too: the two never pass for each other.
+    with pytest.raises(ServiceError):
+        pages.offset(token, "q", NOW, None)

@@ -72,3 +72,38 @@ def test_media_reconnect_only_to_its_participant() -> None:
 def test_services_see_everything() -> None:
     service = WatcherFilter("s1", None, moderator=False, captions=False, grants=None)
     assert service(hand(OTHER))
+
+
+def captions(name: str, enabled: bool) -> ev.SpaceEvent:
+    return ev.SpaceEvent(
+        captions_setting_changed=ev.SpaceEvent.CaptionsSettingChanged(
+            participant=name, enabled=enabled
+        )
+    )
+
+
+def test_captions_toggle_applies_from_that_event_on() -> None:
+    segment = ev.SpaceEvent(caption_segment=res.CaptionSegment(text="hi"))
+    me = watcher()
+    assert not me(segment)
+    assert me(captions(ME, True))
+    assert me(segment)
+    assert me(captions(ME, False))
+    assert not me(segment)
+
+
+def test_someone_elses_captions_setting_is_private_and_changes_nothing() -> None:
+    segment = ev.SpaceEvent(caption_segment=res.CaptionSegment(text="hi"))
+    me = watcher(moderator=True)
+    assert not me(captions(OTHER, True))
+    assert not me(segment)
+
+
+def test_leaving_turns_captions_off_and_reset_starts_over() -> None:
+    segment = ev.SpaceEvent(caption_segment=res.CaptionSegment(text="hi"))
+    me = watcher(captions=True)
+    me(ev.SpaceEvent(participant_left=ev.SpaceEvent.ParticipantLeft(participant=ME)))
+    assert not me(segment)
+    me.reset(moderator=False, captions=True)
+    assert me(segment)
+    assert not me(hand(OTHER))

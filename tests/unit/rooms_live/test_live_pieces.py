@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from spaces.rooms.v1 import rooms_events_pb2, rooms_resources_pb2
+from spaces.rooms.v1 import rooms_events_pb2, rooms_resources_pb2, rooms_service_pb2
 
 from services.common.errors import InvalidArgument
 from services.rooms.live.coalesce import ReactionCoalescer, SpeakingLevelsCoalescer
@@ -121,6 +121,24 @@ async def test_unfiltered_watchers_share_one_response() -> None:
     events = feed.events_after(0)
     assert feed.response(events) is feed.response(feed.events_after(0))
     assert [e.sequence for e in feed.response(events).events] == [1, 2]
+
+
+async def test_encoded_responses_are_the_messages_bytes_shared_once() -> None:
+    feed = SpaceFeed("s", 1, b"0-0", capacity=10, flush_interval_s=0)
+    sizes = [10, 200, 20_000]  # one-, two- and three-byte length prefixes
+    for seq, size in enumerate(sizes, start=1):
+        event = SpaceEvent(sequence=seq)
+        event.caption_segment.text = "x" * size
+        feed.offer(EncodedEvent.from_bytes(seq, event.SerializeToString()))
+    events = feed.events_after(0)
+    data = feed.encoded(events)
+    assert data is feed.encoded(feed.events_after(0))
+    expected = rooms_service_pb2.WatchSpaceResponse(events=[e.event for e in events])
+    assert data == expected.SerializeToString()
+    parsed = rooms_service_pb2.WatchSpaceResponse.FromString(data)
+    assert [len(e.caption_segment.text) for e in parsed.events] == sizes
+    alone = SpaceFeed.encoded_alone(events[1:2])
+    assert rooms_service_pb2.WatchSpaceResponse.FromString(alone).events[0].sequence == 2
 
 
 # --------------------------------------------------------------------------- retention
