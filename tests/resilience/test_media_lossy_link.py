@@ -13,12 +13,12 @@ import random
 import time
 from collections.abc import AsyncIterator
 
-import aioice.ice
 import pytest
 from prometheus_client import REGISTRY
 
 from services.media.config import MediaConfig
 from services.media.engine import MediaEngine
+from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import App, Tone, eventually, heard, heard_since
 
 pytestmark = pytest.mark.resilience
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.resilience
 SPACE = "lossy-space"
 LOSS = 0.05
 MAX_DELAY_S = 0.05
-
-
-@pytest.fixture(autouse=True)
-def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aioice skips 127.0.0.1 when gathering; the test apps must use nothing else."""
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aioice.ice
 import grpc
 import httpx
 import pytest
@@ -31,16 +30,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
 from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
+from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard_since
 from tools.devstack import ROOT, Stack, free_port
 
 pytestmark = pytest.mark.resilience
-
-
-@pytest.fixture(autouse=True)
-def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aioice skips 127.0.0.1 when gathering; the test apps must use nothing else."""
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
 
 @pytest.fixture(scope="module")

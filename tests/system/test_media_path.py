@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aioice.ice
 import httpx
 import pytest
 from aiortc import RTCSessionDescription
 
+from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import (
     App,
     SlotRecorder,
@@ -31,12 +31,6 @@ from tests.integration.media.peers import (
 from tools.devstack import Stack
 
 SILENCE_RMS = 50.0
-
-
-@pytest.fixture(autouse=True)
-def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """aioice skips 127.0.0.1 when gathering; the test apps must use nothing else."""
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
 
 @pytest.fixture(scope="module")

@@ -26,65 +26,61 @@ FRAME = 960
 TIME_BASE = fractions.Fraction(1, RATE)
 
 
-class Tone(MediaStreamTrack):
-    """A microphone playing a sine tone in real time (20 ms frames)."""
+class PacedTrack(MediaStreamTrack):
+    """A microphone delivering 20 ms frames in real time; subclasses say what it plays."""
 
     kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sample = 0
+        self._start: float | None = None
+
+    def samples(self, start: int, count: int) -> np.ndarray:
+        """``count`` 16-bit samples from sample ``start`` on."""
+        raise NotImplementedError
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        delay = self._start + self._sample / RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pcm = self.samples(self._sample, FRAME).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._sample
+        frame.time_base = TIME_BASE
+        self._sample += FRAME
+        return frame
+
+
+class Tone(PacedTrack):
+    """A microphone playing a sine tone."""
 
     def __init__(self, freq: float, amplitude: float) -> None:
         super().__init__()
         self.freq = freq
         self.amplitude = amplitude
-        self._sample = 0
-        self._start: float | None = None
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        delay = self._start + self._sample / RATE - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        t = np.arange(self._sample, self._sample + FRAME) / RATE
-        pcm = (self.amplitude * 32767 * np.sin(2 * np.pi * self.freq * t)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._sample
-        frame.time_base = TIME_BASE
-        self._sample += FRAME
-        return frame
+    def samples(self, start: int, count: int) -> np.ndarray:
+        t = np.arange(start, start + count) / RATE
+        return self.amplitude * 32767 * np.sin(2 * np.pi * self.freq * t)
 
 
-class Speech(MediaStreamTrack):
+class Speech(PacedTrack):
     """A microphone playing recorded speech (48 kHz mono samples) once, then silence."""
 
-    kind = "audio"
-
-    def __init__(self, samples: np.ndarray, lead_silence_s: float = 0.5) -> None:
+    def __init__(self, recorded: np.ndarray, lead_silence_s: float = 0.5) -> None:
         super().__init__()
         lead = np.zeros(int(lead_silence_s * RATE), dtype=np.int16)
-        self.samples = np.concatenate([lead, samples.astype(np.int16)])
-        self._sample = 0
-        self._start: float | None = None
+        self.recorded = np.concatenate([lead, recorded.astype(np.int16)])
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        delay = self._start + self._sample / RATE - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        chunk = self.samples[self._sample : self._sample + FRAME]
-        pcm = np.zeros(FRAME, dtype=np.int16)
-        pcm[: len(chunk)] = chunk
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._sample
-        frame.time_base = TIME_BASE
-        self._sample += FRAME
-        return frame
+    def samples(self, start: int, count: int) -> np.ndarray:
+        chunk = self.recorded[start : start + count]
+        return np.pad(chunk, (0, count - len(chunk)))
 
 
 @dataclass
