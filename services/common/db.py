@@ -8,16 +8,44 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from services.common import context
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Pool", "create_pool", "schema_identifier"]
 
-Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
+_DEADLINE_MARGIN_S = 0.25
+"""What a call keeps of its deadline for its own answer when it waits for a connection."""
+
+
+class Pool(AsyncConnectionPool[AsyncConnection[TupleRow]]):
+    """A pool whose wait for a connection never outlives the current RPC's deadline.
+
+    While the database is down no connection comes; without a bound, a call would wait
+    the pool's whole timeout and its caller would see DEADLINE_EXCEEDED. Bounded, the
+    wait ends in time for the service to answer UNAVAILABLE (``psycopg_pool.PoolTimeout``,
+    mapped by the error interceptor), which clients retry.
+    """
+
+    @asynccontextmanager
+    async def connection(
+        self, timeout: float | None = None
+    ) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        if timeout is None:
+            remaining = context.time_remaining()
+            if remaining is not None:
+                margin = min(_DEADLINE_MARGIN_S, remaining * 0.2)
+                timeout = max(0.001, min(self.timeout, remaining - margin))
+        async with super().connection(timeout=timeout) as conn:
+            yield conn
+
 
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -55,7 +83,7 @@ async def create_pool(
         await conn.execute(search_path)
         await conn.commit()
 
-    pool: Pool = AsyncConnectionPool(
+    pool = Pool(
         url,
         min_size=min_size,
         max_size=max_size,

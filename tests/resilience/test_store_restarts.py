@@ -229,15 +229,6 @@ async def test_postgres_restart_every_service_recovers_within_10_s(
         assert first - postgres_restart.back_at <= 10.0, f"{writer.name} recovered too late"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "while PostgreSQL is down every service stays SERVING and each call waits for a pool"
-        " connection until the caller's deadline (DEADLINE_EXCEEDED), up to the pool's 30 s"
-        " timeout, after which psycopg_pool.PoolTimeout is not a ServiceError and the"
-        " ErrorInterceptor turns it into INTERNAL: nothing fails fast with UNAVAILABLE"
-    ),
-)
 async def test_postgres_down_services_answer_unavailable_or_not_serving(
     postgres_restart: PostgresRestart,
 ) -> None:

@@ -18,6 +18,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import grpc
 import grpc.aio
+import psycopg
+import psycopg_pool
 from grpc_status import rpc_status
 
 from services.common import context
@@ -61,6 +63,10 @@ class ErrorInterceptor(ScopedServerInterceptor):
             await self._abort(call, error)
         except grpc.aio.AioRpcError as error:
             await self._abort(call, self._downstream(call, error))
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+            # The database went away (restart, failover, network): transient for the caller.
+            logger.warning("%s failed: the database is unreachable: %s", call.method.full, error)
+            await self._abort(call, database_unavailable())
         except Exception:
             logger.exception("unhandled exception in %s", call.method.full)
             await self._abort(call, _internal())
@@ -94,6 +100,13 @@ class ErrorInterceptor(ScopedServerInterceptor):
             logger.warning("%s failed: %r", call.method.full, error)
         else:
             logger.debug("%s refused: %r", call.method.full, error)
+
+
+def database_unavailable() -> ServiceError:
+    """UNAVAILABLE for a call the database could not serve; retrying later is safe."""
+    return Unavailable(
+        "the database is unreachable; retry later", reason="DATABASE_UNAVAILABLE", retry_after=1.0
+    )
 
 
 def _internal() -> ServiceError:
