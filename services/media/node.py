@@ -30,11 +30,11 @@ from typing import Any, Protocol
 from spaces.media.v1 import media_events_pb2 as media_events
 from spaces.media.v1 import media_resources_pb2 as media_res
 
+from services.common.admission import Admission
 from services.common.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
     Unavailable,
 )
 from services.common.events import publish_event
@@ -185,7 +185,12 @@ class MediaNode:
         self._drain_task: asyncio.Task[None] | None = None
         self._recorders: dict[str, tuple[SpaceRecorder, dict[str, Any]]] = {}
         self._captions: dict[str, CaptionWorker] = {}
-        self._negotiating = 0
+        self._negotiations = Admission(
+            options.max_negotiations,
+            reason="NEGOTIATIONS_BUSY",
+            subject="media node",
+            what="negotiations",
+        )
         self.nodes = nodes
         self._relays: dict[str, RelayClient] = {}
         self._relay_locks: dict[str, asyncio.Lock] = {}
@@ -473,17 +478,8 @@ class MediaNode:
                 "this media node is draining; join again for a new placement",
                 reason="NODE_UNAVAILABLE",
             )
-        if self._negotiating >= self.options.max_negotiations:
-            # Before the grant is spent: the app retries with the same grant.
-            raise ResourceExhausted(
-                "this media node is busy opening sessions; retry in a moment",
-                reason="NEGOTIATIONS_BUSY",
-                quota_subject="media node",
-                quota_description=f"{self.options.max_negotiations} negotiations at once",
-                retry_after=1.0,
-            )
-        self._negotiating += 1  # held from here: the checks below await
-        try:
+        # Admitted before the grant is spent: a refused app retries with the same grant.
+        async with self._negotiations.admit():
             record = await self.registry.space(grant.space_id)
             if record.closed:
                 raise FailedPrecondition("the space has ended", reason="SPACE_ENDED")
@@ -510,8 +506,6 @@ class MediaNode:
             negotiation = await self.engine.negotiate(
                 grant.space_id, user_id, offer, may_publish=grant.may_publish
             )
-        finally:
-            self._negotiating -= 1
         return negotiation, record
 
     def owned_session(self, session_id: str, user_id: str | None) -> Session:

@@ -28,6 +28,7 @@ from spaces.rooms.v1 import rooms_resources_pb2 as res
 from spaces.rooms.v1 import rooms_service_pb2 as pb
 
 from services.common import outbox
+from services.common.admission import Admission
 from services.common.auth import Principal
 from services.common.errors import (
     FailedPrecondition,
@@ -163,6 +164,12 @@ class Rooms:
         self._grants = grants
         self._redis = redis
         self._settings = settings
+        self._joins = Admission(
+            settings.max_concurrent_joins,
+            reason="JOINS_BUSY",
+            subject="rooms replica",
+            what="joins",
+        )
         self._limits = Limits(
             settings.max_co_hosts, settings.max_speakers, settings.max_participants
         )
@@ -728,7 +735,17 @@ class Rooms:
     async def join(
         self, caller: str, request: pb.JoinSpaceRequest, space_id: str
     ) -> pb.JoinSpaceResponse:
-        """JoinSpace: checks, then one transaction claiming the key and adding the participant."""
+        """JoinSpace, admitted while fewer than ``max_concurrent_joins`` are in progress.
+
+        :raises ResourceExhausted: ``JOINS_BUSY`` (retry in a second) past the bound.
+        """
+        async with self._joins.admit():
+            return await self._join(caller, request, space_id)
+
+    async def _join(
+        self, caller: str, request: pb.JoinSpaceRequest, space_id: str
+    ) -> pb.JoinSpaceResponse:
+        """Checks, then one transaction claiming the key and adding the participant."""
         digest = fingerprint(request)
         async with self._store.transaction() as tx:
             first = await tx.lookup_idempotency(caller, "JoinSpace", request.request_id)

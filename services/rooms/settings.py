@@ -120,6 +120,15 @@ class RoomsSettings(ServiceSettings):
         ),
     )
 
+    max_concurrent_joins: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "JoinSpace calls in progress at once in this replica; more are refused at once "
+            "with RESOURCE_EXHAUSTED and a retry delay (429 at the gateway), so a crowd "
+            "joining together gets answers in time instead of timeouts. Default: 64."
+        ),
+    )
     listener_events_max: int = Field(
         default=200,
         ge=0,

@@ -48,15 +48,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "no admission control: 2,000 joins at once queue in rooms (one process, ~10 ms of CPU"
-        " a join, ~20 ms over all hops) until the gateway's 10 s deadline, so a quarter of them"
-        " get 504 DEADLINE_EXCEEDED instead of a fast 429 RESOURCE_EXHAUSTED with RetryInfo"
-        " (measured 2026-11-23: 1472 x 200, 528 x 504, p99 14.4 s)"
-    ),
-)
 async def test_2000_simultaneous_joins_through_the_gateway(stack: Stack, api: Api) -> None:
     host = await signup(api, "jhost")
     space = await create_live_space(api, host, title="2000 joins")
