@@ -49,17 +49,23 @@ class ServiceSpec:
     grpc_port: int | None
     metrics_port: int
     http_port: int | None = None
+    package: str = ""
+    """The service's folder when several processes run it (``media-2`` runs ``media``)."""
+
+    @property
+    def service(self) -> str:
+        return self.package or self.name
 
     @property
     def module(self) -> str:
-        return f"services.{self.name}.main"
+        return f"services.{self.service}.main"
 
     @property
     def env_prefix(self) -> str:
-        return self.name.upper() + "_"
+        return self.service.upper() + "_"
 
     def is_built(self) -> bool:
-        return (ROOT / "services" / self.name / "main.py").exists()
+        return (ROOT / "services" / self.service / "main.py").exists()
 
 
 #: Every process of the suite, in start order. Adding a service is one line here.
@@ -108,6 +114,10 @@ class Stack:
     :param auto_ports: pick free ports instead of the defaults (tests run beside ``make up``).
     :param extra_env: environment for every service (e.g. ``SPACES_OTLP_ENDPOINT``).
     :param only: start only these services (by name); default every built one.
+    :param media_nodes: media processes to run (one per core is the unit); default
+        ``MEDIA_NODES`` from the environment, else 1.
+    :param process_env: environment of single processes by name, over everything else
+        (``{"media": {"MEDIA_CAPACITY": "2"}}``).
     """
 
     def __init__(
@@ -117,11 +127,26 @@ class Stack:
         auto_ports: bool = False,
         extra_env: Mapping[str, str] | None = None,
         only: tuple[str, ...] | None = None,
+        media_nodes: int | None = None,
+        process_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.process_env = {name: dict(env) for name, env in (process_env or {}).items()}
         self.auto_ports = auto_ports
         self.extra_env = dict(extra_env or {})
         self.specs = [s for s in SERVICES if s.is_built() and (only is None or s.name in only)]
+        nodes = media_nodes if media_nodes is not None else int(os.environ.get("MEDIA_NODES", "1"))
+        if any(s.name == "media" for s in self.specs):
+            at = next(i for i, s in enumerate(self.specs) if s.name == "media") + 1
+            self.specs[at:at] = [
+                ServiceSpec(
+                    f"media-{n}",
+                    grpc_port=50053 + 10 * (n - 1),
+                    metrics_port=9103 + 10 * (n - 1),
+                    package="media",
+                )
+                for n in range(2, nodes + 1)
+            ]
         self.services: dict[str, RunningService] = {}
         self.database_url = os.environ.get("SPACES_DATABASE_URL", "")
         self.redis_url = os.environ.get("SPACES_REDIS_URL", "")
@@ -181,6 +206,8 @@ class Stack:
             if key in os.environ:
                 env[key] = os.environ[key]
         for spec in self.specs:
+            if spec.package:
+                continue  # a further process of a service: see _process_environment
             grpc_port, metrics_port, http_port = self._ports[spec.name]
             if grpc_port:
                 env[f"SPACES_{spec.name.upper()}_ADDR"] = f"127.0.0.1:{grpc_port}"
@@ -200,6 +227,10 @@ class Stack:
         grpc_port = self._ports["media"][0]
         gateway = self._ports.get("gateway")
         public = {"ROOMS_MEDIA_PUBLIC_URI": f"http://127.0.0.1:{gateway[2]}"} if gateway else {}
+        nodes = [self._ports[s.name][0] for s in self.specs if s.service == "media"]
+        if len(nodes) > 1:
+            # One address for rooms that fails over from node to node (a Service in a cluster).
+            public["SPACES_MEDIA_ADDR"] = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in nodes)
         return public | {
             "MEDIA_NODE_ID": "media-1",
             "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
@@ -207,6 +238,23 @@ class Stack:
             "MEDIA_ICE_PORT": "0" if self.auto_ports else os.environ.get("MEDIA_ICE_PORT", "3478"),
             "MEDIA_RECORDINGS_DIR": str(self.run_dir / "recordings"),
             "MEDIA_DRAIN_GRACE_S": os.environ.get("MEDIA_DRAIN_GRACE_S", "10"),
+        }
+
+    def _process_environment(self, spec: ServiceSpec) -> dict[str, str]:
+        """What one process has of its own: a further process of a service (``media-2``)
+        its ports and node id, then whatever ``process_env`` gives it."""
+        if not spec.package:
+            return dict(self.process_env.get(spec.name, {}))
+        grpc_port, metrics_port, _ = self._ports[spec.name]
+        index = int(spec.name.rsplit("-", 1)[1])
+        ice_port = int(os.environ.get("MEDIA_ICE_PORT", "3478")) + index - 1
+        return {
+            f"{spec.env_prefix}GRPC_PORT": str(grpc_port),
+            f"{spec.env_prefix}METRICS_PORT": str(metrics_port),
+            "MEDIA_NODE_ID": spec.name,
+            "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
+            "MEDIA_ICE_PORT": "0" if self.auto_ports else str(ice_port),
+            **self.process_env.get(spec.name, {}),
         }
 
     def _secret(self, name: str) -> str:
@@ -225,7 +273,11 @@ class Stack:
         process = subprocess.Popen(
             [sys.executable, "-m", spec.module],
             cwd=ROOT,
-            env={**env, "OTEL_SERVICE_NAME": f"spaces-{spec.name}"},
+            env={
+                **env,
+                **self._process_environment(spec),
+                "OTEL_SERVICE_NAME": f"spaces-{spec.name}",
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

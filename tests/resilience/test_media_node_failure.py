@@ -1,12 +1,12 @@
 """Two media processes behind the whole suite: an edge relays a full origin's Space, and when
 the origin process is killed its participants are moved by rooms and heard again.
 
-The stack's own media node (``media-1``) holds two peers; a second media process
-(``media-2``) joins the registry. The host and one listener land on ``media-1`` (the
-origin), the next listener on ``media-2`` (an edge pulling a relay). Then ``media-1`` is
-SIGKILLed: ``media-2`` notices its report expire, rooms sends the host and the first
-listener a ``media_reconnect`` event with a grant for ``media-2`` (now the origin), they
-negotiate again, and everyone hears the host again.
+The stack runs two media processes: ``media-1`` holds two peers, ``media-2`` the rest. The
+host and one listener land on ``media-1`` (the origin), the next listener on ``media-2`` (an
+edge pulling a relay). Then ``media-1`` is SIGKILLed: ``media-2`` notices its report
+expire, rooms sends the host and the first listener a ``media_reconnect`` event with a
+grant for ``media-2`` (now the origin), they negotiate again, and everyone hears the host
+again.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -26,13 +24,12 @@ import grpc
 import httpx
 import pytest
 from aiortc import RTCSessionDescription
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
 from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
 from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard_since
-from tools.devstack import ROOT, Stack, free_port
+from tools.devstack import Stack
 
 pytestmark = pytest.mark.resilience
 
@@ -40,59 +37,14 @@ pytestmark = pytest.mark.resilience
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir: Path = tmp_path_factory.mktemp("fleet-stack")
-    # The stack's media node takes two peers; the second node below takes the rest.
-    with Stack(run_dir, auto_ports=True, extra_env={"MEDIA_CAPACITY": "2"}) as running:
+    # media-1 takes two peers; media-2 takes the rest.
+    with Stack(
+        run_dir,
+        auto_ports=True,
+        media_nodes=2,
+        process_env={"media": {"MEDIA_CAPACITY": "2"}, "media-2": {"MEDIA_CAPACITY": "100"}},
+    ) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def second_media(stack: Stack) -> Iterator[subprocess.Popen[bytes]]:
-    grpc_port = free_port()
-    env = stack.environment() | {
-        "MEDIA_NODE_ID": "media-2",
-        "MEDIA_GRPC_PORT": str(grpc_port),
-        "MEDIA_METRICS_PORT": str(free_port()),
-        "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
-        "MEDIA_CAPACITY": "100",
-    }
-    log = (stack.run_dir / "logs" / "media-2.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.media.main"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _serving(grpc_port):
-            assert process.poll() is None, "media-2 exited while starting"
-            assert time.monotonic() < deadline, "media-2 not SERVING after 60 s"
-            time.sleep(0.2)
-        # Rooms reaches media through one address that fails over between the nodes (in a
-        # cluster: the media Service); restart it with both.
-        first = stack.services["media"].grpc_port
-        stack.extra_env["SPACES_MEDIA_ADDR"] = f"ipv4:127.0.0.1:{first},127.0.0.1:{grpc_port}"
-        stack.stop_service("rooms")
-        stack.start_service("rooms")
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        log.close()
-
-
-def _serving(port: int) -> bool:
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1.0
-            )
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
 
 
 @pytest.fixture
@@ -169,7 +121,7 @@ class Member:
 
 
 async def test_an_edge_relays_a_full_origin_and_a_killed_origin_s_participants_move(
-    stack: Stack, second_media: subprocess.Popen[bytes], client: httpx.AsyncClient
+    stack: Stack, client: httpx.AsyncClient
 ) -> None:
     host, near, far = (
         Member(client, "host", Tone(440, 0.3)),

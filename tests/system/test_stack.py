@@ -38,8 +38,8 @@ def test_grpc_services_report_serving_per_service_name(stack: Stack) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert overall.status == health_pb2.HealthCheckResponse.SERVING
-            package = f"spaces.{running.spec.name}.v1"
-            service_name = f"{package}.{running.spec.name.capitalize()}Service"
+            package = f"spaces.{running.spec.service}.v1"
+            service_name = f"{package}.{running.spec.service.capitalize()}Service"
             named = health.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=5)
             assert named.status == health_pb2.HealthCheckResponse.SERVING, service_name
 
