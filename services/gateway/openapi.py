@@ -4,10 +4,11 @@ Schemas follow the proto3 JSON mapping the gateway speaks: camelCase names, 64-b
 as decimal strings, enums as their names, Timestamp as an RFC 3339 ``date-time`` string,
 Duration as ``"1.5s"``, bytes as base64, a oneof as "at most one of these properties".
 protovalidate rules become schema constraints where JSON Schema has one (lengths, patterns,
-bounds of 32-bit numbers and doubles, item counts, uniqueness, enum subsets); the rest (CEL,
-64-bit bounds on strings) stays with the services. Fields a request must carry
-(``google.api.field_behavior = REQUIRED`` or ``buf.validate ... required``) are required in
-request schemas only: responses may leave message fields out.
+bounds of 32-bit numbers and doubles, item counts, uniqueness, enum subsets, the paths a
+FieldMask may list, and a request member's CEL ``this.x != ''`` as "x required, not empty");
+the rest (other CEL, 64-bit bounds on strings) stays with the services. Fields a request
+must carry (``google.api.field_behavior = REQUIRED`` or ``buf.validate ... required``) are
+required in request schemas only: responses may leave message fields out.
 """
 
 from __future__ import annotations
@@ -244,10 +245,15 @@ class SchemaBuilder:
     def _message_schema(self, message: Descriptor) -> dict[str, Any]:
         properties: dict[str, Any] = {}
         required: list[str] = []
+        request = message.full_name in self._request_messages
         for field in message.fields:
             properties[field.json_name] = self.field_schema(field)
-            if message.full_name in self._request_messages and _is_required(field):
-                required.append(field.json_name)
+            if request:
+                properties[field.json_name] = _with_nonempty_members(
+                    field, properties[field.json_name]
+                )
+                if _is_required(field):
+                    required.append(field.json_name)
         # Unknown fields are refused (400), and responses never carry any.
         schema: dict[str, Any] = {
             "type": "object",
@@ -313,6 +319,10 @@ class SchemaBuilder:
         self, field: FieldDescriptor, rules: validate_pb2.FieldRules | None
     ) -> dict[str, Any]:
         if field.message_type is not None:
+            if rules is not None and rules.HasField("field_mask"):
+                masked = _field_mask_schema(rules.field_mask)
+                if masked is not None:
+                    return masked
             return self.ref(field.message_type)
         if field.enum_type is not None:
             enum_rules = rules.enum if rules is not None and rules.HasField("enum") else None
@@ -342,6 +352,58 @@ class SchemaBuilder:
             # OpenAPI 3.0 ignores siblings of $ref: wrap it to keep the description.
             return {"allOf": [schema], **extra}
         return {**schema, **extra}
+
+
+_NONEMPTY_CEL = re.compile(r"^this\.([a-z_][a-z0-9_]*) != ''$")
+
+
+def _with_nonempty_members(field: FieldDescriptor, schema: dict[str, Any]) -> dict[str, Any]:
+    """A request's message field with CEL rules ``this.x != ''``: ``x`` required, not empty.
+
+    The member's own schema is shared with responses (where it may be empty), so the
+    constraint is added beside it, for this field of this request only.
+    """
+    rules = _rules(field)
+    nested = field.message_type
+    if rules is None or nested is None or field.is_repeated:
+        return schema
+    names: list[str] = []
+    for rule in rules.cel:
+        found = _NONEMPTY_CEL.match(rule.expression)
+        member = nested.fields_by_name.get(found.group(1)) if found else None
+        if member is not None and member.type == FieldDescriptor.TYPE_STRING:
+            names.append(member.json_name)
+    if not names:
+        return schema
+    constraint = {
+        "required": names,
+        "properties": {name: {"type": "string", "minLength": 1} for name in names},
+    }
+    return {"allOf": [schema, constraint]}
+
+
+def _camel_path(path: str) -> str:
+    """A FieldMask path as proto3 JSON spells it (``scheduled_start_time`` → camelCase)."""
+    return ".".join(
+        head + "".join(word.capitalize() for word in rest)
+        for head, *rest in (segment.split("_") for segment in path.split("."))
+    )
+
+
+def _field_mask_schema(rules: validate_pb2.FieldMaskRules) -> dict[str, Any] | None:
+    """A FieldMask limited to ``in`` paths, comma-separated (empty: no paths; a required
+    query parameter gets ``minLength`` on top)."""
+    paths = [_camel_path(p) for p in getattr(rules, "in")]
+    if not paths:
+        return None
+    one = "(" + "|".join(re.escape(p) for p in paths) + ")"
+    return {
+        **_WELL_KNOWN["google.protobuf.FieldMask"],
+        "pattern": f"^({one}(,{one})*)?$",
+        "description": "Comma-separated field paths in camelCase, any of: "
+        + ", ".join(f"`{p}`" for p in paths)
+        + ".",
+    }
 
 
 def _zero_schema(field: FieldDescriptor) -> dict[str, Any] | None:

@@ -56,6 +56,7 @@ from services.media.registry import (
     SpaceShare,
 )
 from services.media.relay import RelayClient
+from services.media.sdp import parse_offer
 from services.media.session import Session
 
 logger = logging.getLogger(__name__)
@@ -491,6 +492,8 @@ class MediaNode:
                         reason="NODE_UNAVAILABLE",
                     )
                 await self._ensure_relay(grant.space_id, record.origin)
+            # A bad offer is refused before the grant is spent, so the app can fix and retry.
+            parse_offer(offer)
             if not await self.registry.use_grant(grant.nonce, grant.expire_time.timestamp()):
                 raise PermissionDenied(
                     "this media grant was already used; join again for a new one",

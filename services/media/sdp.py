@@ -175,7 +175,7 @@ def restrict_to_opus(sdp: str) -> str:
             continue
         fields = section[0].split(" ")
         head = fields[:3]
-        formats = [f for f in fields[3:] if f.isdigit() and int(f) in keep]
+        formats = [f for f in fields[3:] if f.isascii() and f.isdigit() and int(f) in keep]
         out.append(" ".join(head + formats))
         for line in section[1:]:
             match = _FMT_ATTR.match(line)

@@ -7,7 +7,6 @@ without servers; :mod:`services.notify.store` and the workers apply it.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -338,7 +337,7 @@ def decode_page_token(token: str, kind: str, owner: str) -> str | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII input
         raw = ""
     token_kind, _, rest = raw.partition("|")
     token_owner, _, position = rest.partition("|")

@@ -59,7 +59,7 @@ class Suite:
     internal_secret: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     """Every service on free ports (or the stack named by SPACES_BROWSER_* variables)."""
     given = os.environ.get("SPACES_BROWSER_GATEWAY_URL")
@@ -81,8 +81,10 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
         stack.check_alive()  # a service that died during the tests is a failure
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """Chromium for one module: Playwright's sync API keeps an event loop running in the
+    main thread while it is open, which would break every asyncio test after it."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -91,3 +91,17 @@ def test_status_converts_for_abort_with_status() -> None:
 def test_reasons_must_be_upper_snake(reason: str) -> None:
     with pytest.raises(ValueError):
         errors.NotFound("x", reason=reason)
+
+
+def test_nul_characters_are_found_in_nested_and_repeated_strings() -> None:
+    from spaces.rooms.v1 import rooms_resources_pb2 as res
+    from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
+
+    from services.common.interceptors.validation import nul_fields
+
+    clean = rooms_pb.CreateSpaceRequest(space=res.Space(title="Jazz", topics=["music"]))
+    assert nul_fields(clean) == []
+    dirty = rooms_pb.CreateSpaceRequest(
+        space=res.Space(title="a\x00b", topics=["ok", "x\x00"]), request_id="r\x00"
+    )
+    assert sorted(nul_fields(dirty)) == ["request_id", "space.title", "space.topics"]

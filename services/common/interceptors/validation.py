@@ -4,6 +4,9 @@ A bad request gets INVALID_ARGUMENT with one ``google.rpc.BadRequest`` field vio
 broken rule, the field given as a path (``space.title``, ``speakers[2]``, ``labels["k"]``)
 and described by the rule's message. Requests of client-streaming RPCs are not checked here:
 such handlers validate each message they read.
+
+One rule holds for every string of every request without being written in the protos: no
+NUL character (U+0000). No text of the product needs one, and PostgreSQL cannot store it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from services.common.interceptors.base import ScopedServerInterceptor, ServerCal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ValidationInterceptor", "field_path", "violations_of"]
+__all__ = ["ValidationInterceptor", "field_path", "nul_fields", "violations_of"]
 
 
 class ValidationInterceptor(ScopedServerInterceptor):
@@ -38,6 +41,9 @@ class ValidationInterceptor(ScopedServerInterceptor):
     async def _validate(self, call: ServerCall) -> AsyncIterator[None]:
         if isinstance(call.request, Message) and not call.method.is_infrastructure:
             violations = violations_of(self._validator.collect_violations(call.request))
+            violations += [
+                (path, "must not contain NUL characters") for path in nul_fields(call.request)
+            ]
             if violations:
                 summary = "; ".join(f"{path or '(request)'}: {text}" for path, text in violations)
                 raise InvalidArgument(
@@ -46,6 +52,29 @@ class ValidationInterceptor(ScopedServerInterceptor):
                     field_violations=violations,
                 )
         yield
+
+
+def nul_fields(message: Message, prefix: str = "") -> list[str]:
+    """Paths of the string fields of ``message`` (nested ones too) holding a NUL character."""
+    found: list[str] = []
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                if isinstance(item, Message):
+                    found += nul_fields(item, f'{path}["{key}"].')
+                elif "\x00" in str(key) or (isinstance(item, str) and "\x00" in item):
+                    found.append(path)
+        elif field.type == field.TYPE_STRING:
+            items = value if field.is_repeated else [value]
+            if any("\x00" in item for item in items):
+                found.append(path)
+        elif field.type == field.TYPE_MESSAGE:
+            children = value if field.is_repeated else [value]
+            for index, child in enumerate(children):
+                at = f"{path}[{index}]." if field.is_repeated else f"{path}."
+                found += nul_fields(child, at)
+    return found
 
 
 def violations_of(violations: Iterable[Any]) -> list[tuple[str, str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 
@@ -109,3 +111,26 @@ def test_openapi_streams_and_ranges() -> None:
     read = DOCUMENT["paths"]["/v1/spaces/{space}/recordings/{recording}:read"]["get"]
     assert set(read["responses"]) == {"200", "206", "416", "default"}
     assert "audio/ogg" in read["responses"]["206"]["content"]
+
+
+def test_openapi_field_mask_in_rules_become_a_pattern() -> None:
+    """A FieldMask limited by ``field_mask.in`` lists its camelCase paths, so generated
+    requests (schemathesis) name fields the service accepts."""
+    patch = DOCUMENT["paths"]["/v1/spaces/{space}"]["patch"]
+    mask = next(p for p in patch["parameters"] if p["name"] == "updateMask")["schema"]
+    pattern = re.compile(mask["pattern"])
+    assert pattern.fullmatch("title")
+    assert pattern.fullmatch("title,scheduledStartTime,speakPermission")
+    assert not pattern.fullmatch("scheduled_start_time")
+    assert not pattern.fullmatch("title,")
+    assert not pattern.fullmatch("host")
+    assert mask["minLength"] == 1, "a required mask names at least one path"
+
+
+def test_openapi_nonempty_cel_rules_of_request_members() -> None:
+    """``this.title != ''`` on CreateSpaceRequest.space: title required there, not in Space."""
+    space = SCHEMAS["spaces.rooms.v1.CreateSpaceRequest"]["properties"]["space"]
+    constraint = space["allOf"][1]
+    assert constraint["required"] == ["title"]
+    assert constraint["properties"]["title"]["minLength"] == 1
+    assert "title" not in SCHEMAS["spaces.rooms.v1.Space"].get("required", [])

@@ -133,3 +133,11 @@ def test_tune_answer_adds_opus_parameters_once() -> None:
     tuned = tune_answer(answer)
     assert f"a=rtpmap:96 opus/48000/2\r\na=fmtp:96 {OPUS_FMTP}\r\n" in tuned
     assert tune_answer(tuned).count("a=fmtp:96") == 1
+
+
+def test_a_format_that_only_looks_like_a_number_is_dropped_not_a_crash() -> None:
+    offer = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 \u00b2\r\na=mid:0\r\na=rtpmap:111 opus/48000/2\r\n"
+    )
+    munged = restrict_to_opus(offer)
+    assert "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" in munged
