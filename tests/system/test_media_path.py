@@ -13,16 +13,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from aiortc import RTCSessionDescription
 
+from tests.helpers.apps import call, join_and_connect, sign_up
 from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import (
     App,
-    SlotRecorder,
     Tone,
     eventually,
     heard,
@@ -47,51 +45,12 @@ async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-async def sign_up(client: httpx.AsyncClient, prefix: str) -> dict[str, str]:
-    reply = await client.post(
-        "/v1/users",
-        json={
-            "user": {"handle": f"{prefix}_{uuid.uuid4().hex[:8]}", "displayName": prefix},
-            "password": "correct horse battery",
-            "requestId": str(uuid.uuid4()),
-        },
-    )
-    assert reply.status_code == 200, reply.text
-    return {"Authorization": f"Bearer {reply.json()['tokens']['accessToken']}"}
-
-
-async def call(client: httpx.AsyncClient, path: str, auth: dict[str, str], **body: Any) -> Any:
-    reply = await client.post(path, json=body, headers=auth)
-    assert reply.status_code == 200, f"{path}: {reply.text}"
-    return reply.json()
-
-
-async def join_and_connect(
-    client: httpx.AsyncClient, auth: dict[str, str], space: str, app: App
-) -> dict[str, Any]:
-    """JoinSpace, then Negotiate on the granted node, as an app does."""
-    joined = await call(client, f"/v1/{space}:join", auth, requestId=str(uuid.uuid4()))
-    grant = joined["mediaGrant"]
-    await app.pc.setLocalDescription(await app.pc.createOffer())
-    answer = await call(
-        client,
-        f"/v1/mediaNodes/{grant['endpoint']['node']}/sessions:negotiate",
-        auth,
-        grant=grant["token"],
-        sdpOffer=app.pc.localDescription.sdp,
-    )
-    await app.pc.setRemoteDescription(RTCSessionDescription(answer["sdpAnswer"], "answer"))
-    app.recorder = SlotRecorder([t.receiver.track for t in app.slot_transceivers])
-    app.session = answer["session"]
-    return {"joined": joined, "answer": answer}
-
-
 async def test_a_space_is_heard_through_the_whole_suite(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    host_auth = await sign_up(client, "host")
-    guest_auth = await sign_up(client, "guest")
-    other_auth = await sign_up(client, "other")
+    host_auth = (await sign_up(client, "host")).auth
+    guest_auth = (await sign_up(client, "guest")).auth
+    other_auth = (await sign_up(client, "other")).auth
     created = await call(
         client, "/v1/spaces", host_auth, space={"title": "Media path"}, requestId=str(uuid.uuid4())
     )

@@ -11,7 +11,7 @@ declares them.
 
 Bounded so the test stays near two minutes on a loaded 2-core machine (most of it is the
 stack starting); ``GATEWAY_FUZZ_EXAMPLES``, ``GATEWAY_FUZZ_PHASES`` and
-``GATEWAY_FUZZ_CHECKS`` widen it, as in ``tests/integration/gateway/test_with_identity.py``
+``GATEWAY_FUZZ_CHECKS`` widen it
 (for example ``GATEWAY_FUZZ_EXAMPLES=25 GATEWAY_FUZZ_PHASES=examples,coverage,fuzzing``,
 ~2 min unloaded), and ``GATEWAY_FUZZ_SEED`` picks another seed.
 """
@@ -32,8 +32,8 @@ from typing import Any
 
 import httpx
 import pytest
-from aiortc import RTCSessionDescription
 
+from tests.helpers.apps import call, join_and_connect, sign_up
 from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import App
 from tools.devstack import Stack
@@ -101,37 +101,16 @@ async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-async def call(
-    client: httpx.AsyncClient, path: str, auth: dict[str, str], **body: Any
-) -> dict[str, Any]:
-    reply = await client.post(path, json=body, headers=auth)
-    assert reply.status_code == 200, f"{path}: {reply.text}"
-    result: dict[str, Any] = reply.json()
-    return result
-
-
-async def sign_up(client: httpx.AsyncClient, prefix: str) -> tuple[str, dict[str, str]]:
-    """A new user: their id and the Authorization header of their access token."""
-    reply = await call(
-        client,
-        "/v1/users",
-        {},
-        user={"handle": f"{prefix}_{uuid.uuid4().hex[:8]}", "displayName": prefix},
-        password="correct horse battery",
-        requestId=str(uuid.uuid4()),
-    )
-    token = reply["tokens"]["accessToken"]
-    return reply["user"]["name"].split("/")[1], {"Authorization": f"Bearer {token}"}
-
-
 def last(name: str) -> str:
     return name.rsplit("/", 1)[1]
 
 
 async def seed(client: httpx.AsyncClient, app: App) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Real resources for the run: the fuzzer's auth header and ids per path parameter."""
-    me, auth = await sign_up(client, "fuzzer")
-    other, other_auth = await sign_up(client, "other")
+    fuzzer = await sign_up(client, "fuzzer")
+    second = await sign_up(client, "other")
+    me, auth = fuzzer.user_id, fuzzer.auth
+    other, other_auth = second.user_id, second.auth
     space = (
         await call(
             client, "/v1/spaces", auth, space={"title": "Fuzzed"}, requestId=str(uuid.uuid4())
@@ -173,19 +152,8 @@ async def seed(client: httpx.AsyncClient, app: App) -> tuple[dict[str, str], dic
         requestId=str(uuid.uuid4()),
     )
     # A media session of the host's: JoinSpace's grant, then Negotiate on its node.
-    grant = (await call(client, f"/v1/{space}:join", auth, requestId=str(uuid.uuid4())))[
-        "mediaGrant"
-    ]
-    node = grant["endpoint"]["node"].removeprefix("mediaNodes/")
-    await app.pc.setLocalDescription(await app.pc.createOffer())
-    answer = await call(
-        client,
-        f"/v1/mediaNodes/{node}/sessions:negotiate",
-        auth,
-        grant=grant["token"],
-        sdpOffer=app.pc.localDescription.sdp,
-    )
-    await app.pc.setRemoteDescription(RTCSessionDescription(answer["sdpAnswer"], "answer"))
+    answer = (await join_and_connect(client, auth, space, app))["answer"]
+    node = answer["session"].split("/")[1]
     values = {
         "space": [last(space), last(scheduled)],
         "reminder": [last(reminder)],

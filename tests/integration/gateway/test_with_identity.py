@@ -1,15 +1,11 @@
-"""The gateway in front of the real identity service: sign-up, log-in, the caller's profile,
-and a bounded schemathesis run over identity's routes (no 5xx, responses match the schema)."""
+"""The gateway in front of the real identity service: sign-up, log-in, the caller's profile
+(the schemathesis run over every service is tests/system/test_schemathesis.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,16 +17,6 @@ from services.gateway.settings import GatewaySettings
 from tests.helpers.tokens import TEST_INTERNAL_SECRET
 from tests.integration.gateway.conftest import serving
 from tests.integration.identity.harness import running_identity
-
-SCHEMATHESIS_CHECKS = ",".join(
-    [
-        "not_a_server_error",
-        "status_code_conformance",
-        "content_type_conformance",
-        "response_schema_conformance",
-        "response_headers_conformance",
-    ]
-)
 
 
 @dataclass
@@ -105,54 +91,3 @@ async def test_sign_up_log_in_and_me(stack: Stack) -> None:
     assert invalid.status_code == 400
     types = {d["@type"].rsplit(".", 1)[1] for d in invalid.json()["details"]}
     assert "BadRequest" in types
-
-
-async def test_schemathesis_over_identity_routes(stack: Stack, tmp_path: Path) -> None:
-    """A bounded fuzzing run: the gateway never answers 5xx and matches its own schema.
-
-    GATEWAY_FUZZ_EXAMPLES, GATEWAY_FUZZ_PHASES and GATEWAY_FUZZ_CHECKS widen it.
-    """
-    signup = await stack.client.post(
-        "/v1/users",
-        json={
-            "user": {"handle": "fuzzer", "displayName": "Fuzzer"},
-            "password": "correct horse battery",
-            "requestId": str(uuid.uuid4()),
-        },
-    )
-    token = signup.json()["tokens"]["accessToken"]
-    # The CLI runs in a subprocess so this event loop keeps serving identity and the gateway.
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "schemathesis"),
-        "run",
-        f"{stack.url}/openapi.json",
-        "--include-tag",
-        "IdentityService",
-        "--checks",
-        os.environ.get("GATEWAY_FUZZ_CHECKS", SCHEMATHESIS_CHECKS),
-        # The coverage phase (boundary and negative values of every parameter) takes ~20 s
-        # more; GATEWAY_FUZZ_PHASES=examples,coverage,fuzzing runs it (it passes).
-        "--phases",
-        os.environ.get("GATEWAY_FUZZ_PHASES", "examples,fuzzing"),
-        "--max-examples",
-        os.environ.get("GATEWAY_FUZZ_EXAMPLES", "10"),
-        "--seed",
-        "20261123",
-        # One worker: Hypothesis's lambda introspection is not thread-safe.
-        "--workers",
-        "1",
-        "--no-shrink",
-        "-H",
-        f"Authorization: Bearer {token}",
-        "--report",
-        "junit",
-        "--report-dir",
-        str(tmp_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=240)
-    text = output.decode(errors="replace")
-    (tmp_path / "schemathesis.txt").write_text(text)
-    assert process.returncode == 0, text[-12000:]
