@@ -367,7 +367,8 @@ async def test_deadline_request_id_and_identity_propagate_through_a_client(
         assert internal.downstream.kind == "service"
 
         no_deadline = await stub.Relay(pb.RelayRequest(target=target), metadata=metadata)
-        assert 29 < no_deadline.downstream.time_remaining_s <= 30.0
+        # gRPC rounds the timeout it sends up to its wire unit: allow a little over 30 s.
+        assert 29 < no_deadline.downstream.time_remaining_s <= 30.5
 
 
 async def test_traces_follow_calls_across_services(
