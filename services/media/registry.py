@@ -229,14 +229,23 @@ class NodeRegistry:
         ids = sorted(_text(raw) or "" for raw in await self.redis.smembers(_PREFIX + "nodes"))
         if not ids:
             return [], []
-        reports = await self.redis.mget([_PREFIX + f"node:{i}" for i in ids])
+        now_ms = int(time.time() * 1000)
+        # One round trip: every report and every node's count of pending placements.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.mget([_PREFIX + f"node:{i}" for i in ids])
+            for node_id in ids:
+                key = _PREFIX + f"node:{node_id}:pending"
+                pipe.zremrangebyscore(key, 0, now_ms - _PENDING_TTL_MS)
+                pipe.zcard(key)
+            reports, *counts = await pipe.execute()
+        pending = counts[1::2]
         live: list[NodeInfo] = []
         dead: list[str] = []
-        for node_id, raw in zip(ids, reports, strict=True):
+        for node_id, raw, waiting in zip(ids, reports, pending, strict=True):
             if raw is None:
                 dead.append(node_id)
             else:
-                live.append(NodeInfo.from_json(raw, await self._pending(node_id)))
+                live.append(NodeInfo.from_json(raw, int(waiting)))
         return live, dead
 
     async def address_of(self, node_id: str) -> str | None:

@@ -36,10 +36,9 @@ from spaces.payments.v1 import payments_service_pb2 as payments_pb
 from spaces.rooms.v1 import rooms_resources_pb2 as rooms_res
 from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
 
-from tools.devstack import ROOT, Stack
+from tools.devstack import Stack
 
 __all__ = [
-    "MEDIA_BUILT",
     "Api",
     "CallResult",
     "User",
@@ -50,7 +49,6 @@ __all__ = [
     "wait_until",
 ]
 
-MEDIA_BUILT = (ROOT / "services" / "media" / "main.py").exists()
 
 # Importing the service modules registers every package in the default descriptor pool.
 _PACKAGES = {

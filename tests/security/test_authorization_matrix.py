@@ -49,7 +49,6 @@ from spaces.rooms.v1 import rooms_resources_pb2 as rooms_res
 from services.common.auth import ACCESS_TOKEN_AUDIENCE, ACCESS_TOKEN_ISSUER
 from tests.helpers.tokens import SigningKey, hs256_with_public_key, unsigned_token
 from tests.resilience.harness import (
-    MEDIA_BUILT,
     Api,
     CallResult,
     User,
@@ -324,7 +323,7 @@ SERVICES = [
     "rooms",
     "notify",
     "payments",
-    *(["media"] if MEDIA_BUILT else []),
+    "media",
 ]
 
 

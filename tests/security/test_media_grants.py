@@ -20,10 +20,8 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from services.common.grants import MediaGrantSigner
-from tests.resilience.harness import MEDIA_BUILT, Api, User, create_live_space, signup
+from tests.resilience.harness import Api, User, create_live_space, signup
 from tools.devstack import Stack
-
-pytestmark = pytest.mark.skipif(not MEDIA_BUILT, reason="media is not built yet")
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 

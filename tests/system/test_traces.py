@@ -28,9 +28,8 @@ from opentelemetry.proto.collector.trace.v1 import (
 )
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from tools.devstack import SERVICES, Stack
+from tools.devstack import Stack
 
-MEDIA_BUILT = next(spec for spec in SERVICES if spec.name == "media").is_built()
 SPAN_WAIT_S = 60.0  # only a failing run waits this long; a loaded machine exports late
 
 
@@ -188,7 +187,6 @@ def test_creating_a_space_is_one_trace_across_gateway_rooms_and_identity(
     assert ("spaces-identity", "/spaces.identity.v1.IdentityService/CheckHostEligibility") in names
 
 
-@pytest.mark.skipif(not MEDIA_BUILT, reason="services/media/main.py does not exist yet")
 def test_joining_a_live_space_is_one_trace_through_rooms_identity_and_media(
     receiver: tuple[TraceReceiver, int], gateway: httpx.Client
 ) -> None:

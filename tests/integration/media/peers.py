@@ -9,6 +9,7 @@ each slot played (arrival time, RMS, dominant frequency).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import fractions
 import time
@@ -26,7 +27,7 @@ FRAME = 960
 TIME_BASE = fractions.Fraction(1, RATE)
 
 
-class PacedTrack(MediaStreamTrack):
+class PacedTrack(MediaStreamTrack, abc.ABC):
     """A microphone delivering 20 ms frames in real time; subclasses say what it plays."""
 
     kind = "audio"
@@ -36,9 +37,9 @@ class PacedTrack(MediaStreamTrack):
         self._sample = 0
         self._start: float | None = None
 
+    @abc.abstractmethod
     def samples(self, start: int, count: int) -> np.ndarray:
         """``count`` 16-bit samples from sample ``start`` on."""
-        raise NotImplementedError
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
