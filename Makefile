@@ -10,10 +10,13 @@ INSTALLED := $(VENV)/.installed
 NODE_INSTALLED := node_modules/.installed
 PROTO_SOURCES := $(shell find protos tests/protos -name '*.proto' 2>/dev/null)
 PROTO_STAMP := build/gen/.stamp
+NATIVE_STAMP := build/gen/.native
+# Everything generated or compiled that the services import.
+GEN := $(PROTO_STAMP) $(NATIVE_STAMP)
 BUF := node_modules/.bin/buf
 PYTEST_ARGS ?=
 
-.PHONY: all install proto lint format test test-resilience up bench lock clean docs chart
+.PHONY: all install proto native lint format test test-resilience up bench lock clean docs chart
 
 all: test
 
@@ -41,12 +44,19 @@ $(PROTO_STAMP): $(INSTALLED) $(PROTO_SOURCES) tools/protogen.py
 
 proto: $(PROTO_STAMP)
 
+# The media fast path's C inner loop (cffi; needs a C compiler, links only libc).
+$(NATIVE_STAMP): $(INSTALLED) services/media/native/fanout.c services/media/native/build.py
+	$(PY) -m services.media.native.build build/gen
+	@touch $@
+
+native: $(NATIVE_STAMP)
+
 # docs/api.md, the RPC index, is generated from the protos; tests/unit/test_api_doc.py
 # fails when it is stale.
 docs: $(PROTO_STAMP)
 	$(PY) tools/apidoc.py
 
-lint: $(PROTO_STAMP) $(NODE_INSTALLED)
+lint: $(GEN) $(NODE_INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services tools deploy/docker
@@ -60,18 +70,19 @@ format: $(INSTALLED)
 test: lint
 	$(PY) -m pytest -q -m "not resilience" $(PYTEST_ARGS) tests
 
-test-resilience: $(PROTO_STAMP)
+test-resilience: $(GEN)
 	@# Exit code 5 means no scenario was collected yet; anything else is a real result.
-	$(PY) -m pytest -q -m resilience $(PYTEST_ARGS) tests/resilience || [ $$? -eq 5 ]
+	@# -rP shows what each passing scenario printed: the figure it measured.
+	$(PY) -m pytest -q -rP -m resilience $(PYTEST_ARGS) tests/resilience || [ $$? -eq 5 ]
 
 # The Helm chart, dashboards and image checks alone (they also run in `make test`).
-chart: $(PROTO_STAMP)
+chart: $(GEN)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests/chart
 
-up: $(PROTO_STAMP)
+up: $(GEN)
 	$(PY) -m tools.devstack
 
-bench: $(PROTO_STAMP)
+bench: $(GEN)
 	$(PY) -m tools.bench
 
 lock: pyproject.toml

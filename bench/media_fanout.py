@@ -18,6 +18,14 @@ arrival to ``sendmmsg`` return; stock: hand-off to the track to the return of ai
 ``_send_rtp``). The last stdout line is one JSON object; a plot goes to
 ``$BENCH_RESULTS_DIR`` (default ``bench/results``). Loopback only; it stops by itself.
 
+Loopback delivery is the listeners' kernel work, but Linux runs it in the *sender's*
+context (the softirq at the end of ``sendmmsg``), where it would be charged to the
+measured process. When this process may (root: it writes
+``/sys/class/net/lo/queues/rx-0/rps_cpus`` and restores it at the end), ``--steer`` (the
+default) keeps it out as a NIC would: the SFUs run on the first CPU, the peers on the
+others, and Receive Packet Steering hands loopback receive processing to the peers' CPUs.
+The JSON says ``receive_steered``; without it the figures include that work.
+
 ``--profile`` instead profiles the fast path at the largest listener count: cProfile of
 the Python code (egress inline), a stage timing of the egress loop on real sockets, and
 ``perf`` (when installed) by shared object.
@@ -297,8 +305,12 @@ async def _peer_process(conn: mpc.Connection, tones: list[list[bytes]]) -> None:
             return
 
 
-def peer_process_main(conn: mpc.Connection, tones: list[list[bytes]]) -> None:
-    """Entry point of a listener/speaker process."""
+def peer_process_main(
+    conn: mpc.Connection, tones: list[list[bytes]], cpus: set[int] | None = None
+) -> None:
+    """Entry point of a listener/speaker process (on ``cpus`` when given)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_peer_process(conn, tones))
@@ -309,7 +321,9 @@ class PeerProcess:
 
     def __init__(self, ctx: Any, tones: list[list[bytes]]) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=peer_process_main, args=(child, tones), daemon=True)
+        self.process = ctx.Process(
+            target=peer_process_main, args=(child, tones, STEERING.peer_cpus), daemon=True
+        )
         self.process.start()
         self.count = 0
 
@@ -333,6 +347,49 @@ class PeerProcess:
         if self.process.is_alive():
             self.process.terminate()
         self.process.join(timeout=5)
+
+
+# -- keeping the listeners' receive work out of the measured process ----------------
+
+
+class ReceiveSteering:
+    """SFUs on one CPU, peers and loopback receive processing (RPS) on the others."""
+
+    RPS_CPUS = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
+
+    def __init__(self) -> None:
+        self.peer_cpus: set[int] | None = None
+        self._previous: str | None = None
+
+    def apply(self) -> bool:
+        """Steer if this machine and user allow it; returns whether it is steered."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return False
+        peers = set(cpus[1:])
+        try:
+            previous = self.RPS_CPUS.read_text().strip()
+            self.RPS_CPUS.write_text(format(sum(1 << c for c in peers), "x"))
+        except OSError as exc:
+            print(f"receive steering unavailable ({exc}); figures include it", flush=True)
+            return False
+        self._previous = previous
+        self.peer_cpus = peers
+        # Before any thread starts: every thread of this process inherits it.
+        os.sched_setaffinity(0, {cpus[0]})
+        return True
+
+    def restore(self) -> None:
+        """Put ``rps_cpus`` back as it was."""
+        if self._previous is not None:
+            try:
+                self.RPS_CPUS.write_text(self._previous)
+            except OSError:
+                logger.warning("could not restore %s", self.RPS_CPUS)
+            self._previous = None
+
+
+STEERING = ReceiveSteering()
 
 
 # -- the two SFUs -------------------------------------------------------------------
@@ -756,6 +813,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
         "speakers": 1,
         "slots": SLOTS,
         "egress_threads": args.threads,
+        "receive_steered": STEERING.peer_cpus is not None,
         "fast_us_per_listener_packet": fast["us_per_listener_packet"],
         "fast_pps_per_core": fast["pps_per_core"],
         "fast_forward_p50_ms": fast["forward_p50_ms"],
@@ -1043,6 +1101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="windows per step")
     parser.add_argument("--timeout", type=float, default=900.0, help="hard stop (seconds)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--steer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep loopback receive work off the measured process (see the module docs)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1054,8 +1118,15 @@ def main(argv: list[str] | None = None) -> int:
         raise TimeoutError(f"media_fanout exceeded {args.timeout:.0f} s")
 
     signal.signal(signal.SIGALRM, expire)
+    # A plain `kill` still runs the finally below (rps_cpus restored).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     signal.alarm(int(args.timeout))
-    result = asyncio.run(profile(args) if args.profile else run(args))
+    if args.steer:
+        STEERING.apply()
+    try:
+        result = asyncio.run(profile(args) if args.profile else run(args))
+    finally:
+        STEERING.restore()
     signal.alarm(0)
     print(json.dumps(result))
     return 0

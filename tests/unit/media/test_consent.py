@@ -1,0 +1,122 @@
+"""Consent messages agree with aioice's own STUN code, both ways; the checker expires a
+silent peer and keeps an answering one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from aioice import stun
+
+from services.media.consent import (
+    ConsentChecker,
+    ConsentTarget,
+    binding_request,
+    binding_success,
+    parse_binding_request,
+    parse_binding_response,
+)
+
+LOCAL_PWD = b"local-password-0123456789"
+REMOTE_PWD = b"remote-password-0123456789"
+
+
+def aioice_request(username: str, password: bytes, **extra: object) -> bytes:
+    message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    message.attributes["USERNAME"] = username
+    message.attributes["PRIORITY"] = 1853824767
+    for name, value in extra.items():
+        message.attributes[name] = value
+    message.add_message_integrity(password)
+    message.add_fingerprint()
+    return bytes(message)
+
+
+def test_a_peers_check_is_parsed_only_when_authentic() -> None:
+    data = aioice_request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLING": 7})
+    parsed = parse_binding_request(data, "lufrag", LOCAL_PWD)
+    assert parsed is not None
+    assert parsed.transaction_id == data[8:20] and not parsed.use_candidate
+    assert parsed.role_attribute == 0x802A
+    assert parse_binding_request(data, "lufrag", b"wrong") is None, "integrity"
+    assert parse_binding_request(data, "other", LOCAL_PWD) is None, "username"
+    tampered = bytearray(data)
+    tampered[-1] ^= 1
+    assert parse_binding_request(bytes(tampered), "lufrag", LOCAL_PWD) is None, "fingerprint"
+    nominating = aioice_request("lufrag:rufrag", LOCAL_PWD, **{"USE-CANDIDATE": None})
+    assert parse_binding_request(nominating, "lufrag", LOCAL_PWD).use_candidate  # type: ignore[union-attr]
+    assert parse_binding_request(b"\x17\xfe\xfd" + os.urandom(40), "lufrag", LOCAL_PWD) is None
+
+
+@pytest.mark.parametrize("address", [("192.0.2.7", 40000), ("2001:db8::1", 3478)])
+def test_our_answer_is_what_aioice_expects(address: tuple[str, int]) -> None:
+    tid = os.urandom(12)
+    message = stun.parse_message(binding_success(tid, address, LOCAL_PWD))
+    assert message.message_class == stun.Class.RESPONSE and message.transaction_id == tid
+    assert message.attributes["XOR-MAPPED-ADDRESS"] == address
+    assert message.check_message_integrity(LOCAL_PWD)
+    assert "FINGERPRINT" in message.attributes  # parse_message checked its value
+
+
+def test_our_check_is_what_aioice_expects_and_its_answer_is_parsed() -> None:
+    tid = os.urandom(12)
+    request = stun.parse_message(binding_request(tid, "rufrag:lufrag", 1234, 99, REMOTE_PWD))
+    assert request.message_class == stun.Class.REQUEST and request.transaction_id == tid
+    assert request.attributes["USERNAME"] == "rufrag:lufrag"
+    assert request.attributes["PRIORITY"] == 1234
+    assert request.attributes["ICE-CONTROLLED"] == 99
+    assert request.check_message_integrity(REMOTE_PWD)
+    answer = stun.Message(
+        message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE, transaction_id=tid
+    )
+    answer.attributes["XOR-MAPPED-ADDRESS"] = ("127.0.0.1", 5000)
+    answer.add_message_integrity(REMOTE_PWD)
+    answer.add_fingerprint()
+    assert parse_binding_response(bytes(answer), REMOTE_PWD) == (tid, True)
+    assert parse_binding_response(bytes(answer), b"forged") is None
+    refusal = stun.Message(
+        message_method=stun.Method.BINDING, message_class=stun.Class.ERROR, transaction_id=tid
+    )
+    refusal.attributes["ERROR-CODE"] = (401, "Unauthenticated")
+    refusal.add_fingerprint()
+    assert parse_binding_response(bytes(refusal), REMOTE_PWD) == (tid, False)
+
+
+async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() -> None:
+    checker = ConsentChecker(interval=0.05, failures=3)
+    expired: list[str] = []
+    answering = True
+
+    def target(name: str, answers: bool) -> ConsentTarget:
+        def send(data: bytes, address: tuple[str, int]) -> None:
+            request = stun.parse_message(data)
+            assert request.check_message_integrity(REMOTE_PWD)
+            if answers and answering:
+                reply = stun.Message(
+                    message_method=stun.Method.BINDING,
+                    message_class=stun.Class.RESPONSE,
+                    transaction_id=request.transaction_id,
+                )
+                reply.attributes["XOR-MAPPED-ADDRESS"] = ("127.0.0.1", 1)
+                reply.add_message_integrity(REMOTE_PWD)
+                reply.add_fingerprint()
+                asyncio.get_running_loop().call_soon(checker.answered, bytes(reply))
+
+        return ConsentTarget(
+            credentials=lambda: ("r:l", REMOTE_PWD, 1, 2, ("127.0.0.1", 9)),
+            send=send,
+            expired=lambda: expired.append(name),
+        )
+
+    checker.start()
+    live, silent = target("live", True), target("silent", False)
+    checker.track(live)
+    checker.track(silent)
+    await asyncio.sleep(0.5)
+    assert expired == ["silent"] and live.active and live.failures == 0
+    answering = False
+    await asyncio.sleep(0.5)
+    assert expired == ["silent", "live"]
+    assert len(checker) == 0
+    await checker.stop()
