@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CONSENT_FAILURES",
     "add_local_candidate",
+    "check_list",
+    "forget_checks",
     "gathering_started",
     "ice_connection",
     "intercept_srtp",
@@ -35,8 +37,10 @@ __all__ = [
     "replace_gatherer",
     "send_rtp",
     "sender_ssrc",
+    "set_local_credentials",
     "set_local_ufrag",
     "set_consent_interval",
+    "set_nominated_pair",
     "set_sender_ssrc",
     "srtp_sessions",
 ]
@@ -102,6 +106,40 @@ def nominated_pair(connection: Connection) -> CandidatePair | None:
     """The nominated pair of component 1 (``Connection._nominated``), once ICE completed."""
     pair: CandidatePair | None = connection._nominated.get(1)
     return pair
+
+
+def set_nominated_pair(connection: Connection, pair: CandidatePair) -> None:
+    """Make ``pair`` the one aioice sends on and checks consent of
+    (``Connection._nominated``), as ``check_complete`` does for a nominated pair."""
+    connection._nominated[pair.component] = pair
+
+
+def set_local_credentials(connection: Connection, ufrag: str, password: str) -> None:
+    """Replace the connection's ICE username fragment and password
+    (``Connection._local_username`` / ``_local_password``): what its STUN requests are
+    signed with and incoming ones checked against, from the next message on."""
+    connection._local_username = ufrag
+    connection._local_password = password
+
+
+def check_list(connection: Connection) -> list[CandidatePair]:
+    """The connection's candidate pairs (``Connection._check_list``), a copy."""
+    pairs: list[CandidatePair] = list(connection._check_list)
+    return pairs
+
+
+def forget_checks(connection: Connection) -> None:
+    """Drop the check list and the remote candidates (``_check_list``,
+    ``_remote_candidates``, ``_nominating``) for an ICE restart, cancelling checks still
+    running; the nominated pair (``_nominated``) stays in use until a new one is
+    nominated (RFC 8445 section 9)."""
+    for pair in connection._check_list:
+        if pair.task is not None:
+            pair.task.cancel()
+            pair.task = None
+    connection._check_list.clear()
+    connection._remote_candidates.clear()
+    connection._nominating.clear()
 
 
 # -- aiortc ----------------------------------------------------------------------------

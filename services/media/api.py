@@ -145,12 +145,20 @@ class MediaApi(pb_grpc.MediaServiceServicer):
     async def RestartIce(
         self, request: pb.RestartIceRequest, context: Any
     ) -> pb.RestartIceResponse:
-        self._node.owned_session(self._session_id(request.session), self._caller())
-        # aiortc cannot restart ICE on a live connection; a new session (JoinSpace for a
-        # fresh grant, then Negotiate) replaces the old one without leaving the Space.
-        raise FailedPrecondition(
-            "this node cannot restart ICE; negotiate a new session with a fresh grant",
-            reason="ICE_RESTART_UNSUPPORTED",
+        session = self._node.owned_session(self._session_id(request.session), self._caller())
+        # Same session, slots, permissions and grant: only ICE starts over (the node
+        # moves the session to the app's new address once it nominates a pair there).
+        answer = await self._node.engine.restart_ice(session.id, request.sdp_offer)
+        return pb.RestartIceResponse(
+            sdp_answer=answer,
+            ice_servers=[
+                res.IceServer(
+                    urls=list(server.urls),
+                    username=server.username or "",
+                    credential=server.credential or "",
+                )
+                for server in self._node.engine.config.ice_servers
+            ],
         )
 
     async def LeaveSession(

@@ -39,7 +39,7 @@ from services.media.metrics import PEERS
 from services.media.peer import Layout
 from services.media.room import Room
 from services.media.sdp import parse_offer
-from services.media.session import Session
+from services.media.session import Session, SessionState
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +278,21 @@ class MediaEngine:
     ) -> None:
         """Add an app's trickled candidate (empty ``candidate``: end of candidates)."""
         await self._session(session_id).peer.add_ice_candidate(candidate, sdp_mid, sdp_mline_index)
+
+    async def restart_ice(self, session_id: str, sdp_offer: str) -> str:
+        """Restart a session's ICE with the app's new offer (same session, slots and
+        permissions); return media's answer with new ICE credentials.
+
+        :raises NotFound: (``SESSION_NOT_FOUND``) for an unknown or closed session.
+        :raises InvalidArgument: (``INVALID_SDP``) for an offer that does not parse or
+            changes the session's m-lines or DTLS fingerprint.
+        """
+        session = self._session(session_id)
+        if session.state is SessionState.CLOSED:
+            raise NotFound(f"media session {session_id} has closed", reason="SESSION_NOT_FOUND")
+        answer = await session.peer.restart_ice(sdp_offer)
+        logger.info("media session %s restarted ICE", session_id)
+        return answer
 
     async def leave(self, session_id: str) -> None:
         """Close a session; closing one already closed succeeds."""

@@ -13,6 +13,21 @@ the session's ``srtp_handler`` once it has one (after DTLS), skipping aioice's q
 aiortc's DTLS task.
 
 The shared socket is also one port to open in a firewall or a Kubernetes Service.
+
+**Moving a session** (ICE restart, NAT rebinding). aioice itself replaces a connection's
+nominated pair whenever the app nominates another one (``USE-CANDIDATE`` on a pair whose
+check succeeded), also long after ICE completed. The mux watches for that (after every STUN
+datagram and every STUN transaction of the session) and moves the session there: the
+addresses learned before are forgotten, so the old path is no longer used, and the
+session's ``on_moved`` callback moves its egress. :meth:`IceMux.restart` gives a connection
+new credentials for an ICE restart (RFC 8445 section 9); the DTLS association and SRTP
+contexts are untouched, as a browser's ``pc.restartIce()`` expects.
+
+A plain NAT rebinding (the app's packets suddenly come from another port, with the same
+credentials, and nobody nominates anything) is followed too, but only once the current
+address has stopped answering consent checks and the new one has passed a check of its
+own within :data:`REBIND_WINDOW_S`: an app that merely checks a backup path (browsers keep
+pinging theirs) does not move the session while its selected path works.
 """
 
 from __future__ import annotations
@@ -29,15 +44,25 @@ from typing import Any
 
 from aioice import stun
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
-from aioice.ice import Connection, StunProtocol
+from aioice.ice import (
+    CandidatePair,
+    Connection,
+    StunProtocol,
+    validate_password,
+    validate_username,
+)
 
 from services.media import aiortc_internals as internals
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IceMux", "MuxedStunProtocol"]
+__all__ = ["REBIND_WINDOW_S", "IceMux", "MuxedStunProtocol"]
 
 _UFRAG_ALPHABET = string.ascii_letters + string.digits
+_PASSWORD_LENGTH = 24
+REBIND_WINDOW_S = 30.0
+"""How recently another address of a session must have passed a check for the session
+to follow it when its current address stops answering consent checks."""
 _MAX_ADDRESSES = 8
 _SOCKET_BUFFER = 4 << 20
 _READ_BUDGET = 256
@@ -49,6 +74,7 @@ _TIMESPEC = struct.Struct("=qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
 SrtpHandler = Callable[[bytes, float], None]
+Address = tuple[str, int]
 
 
 class MuxedStunProtocol(StunProtocol):
@@ -64,7 +90,15 @@ class MuxedStunProtocol(StunProtocol):
         self.mux = mux
         self.local_candidate = candidate
         self.srtp_handler: SrtpHandler | None = None
-        self.addresses: set[tuple[str, int]] = set()
+        self.addresses: set[Address] = set()
+        self.remote_address: Address | None = None
+        """Where the session's traffic goes: the remote address of its nominated pair."""
+        self.on_moved: Callable[[Address], None] | None = None
+        """Called with the new address when the nominated pair moved to another one."""
+        self.consent_misses = 0
+        """Consecutive unanswered checks of :attr:`remote_address`."""
+        self.checked: dict[Address, float] = {}
+        """When a check of ours to each address last succeeded (``time.monotonic()``)."""
         transport = mux.transport
         assert transport is not None, "start() the mux first"
         self.transport = transport
@@ -72,6 +106,38 @@ class MuxedStunProtocol(StunProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The shared socket closed (the mux is stopping)."""
         self.receiver.protocol_lost(self)
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        """aioice's handling, then a look at the nominated pair: a ``USE-CANDIDATE``
+        check on a pair that already succeeded nominates it synchronously."""
+        super().datagram_received(data, addr)
+        self.mux.follow(self)
+
+    async def request(
+        self,
+        request: stun.Message,
+        addr: Address,
+        integrity_key: bytes | None = None,
+        retransmissions: int | None = None,
+    ) -> tuple[stun.Message, Address]:
+        """aioice's STUN transaction, noting which addresses answer.
+
+        aioice's check nominates a pair right after this returns, in the same task step;
+        a callback scheduled here runs after that step, so it sees the outcome.
+        """
+        try:
+            result = await super().request(request, addr, integrity_key, retransmissions)
+        except stun.TransactionError:
+            if addr == self.remote_address:
+                self.consent_misses += 1
+            raise
+        else:
+            self.checked[addr] = time.monotonic()
+            if addr == self.remote_address:
+                self.consent_misses = 0
+            return result
+        finally:
+            asyncio.get_running_loop().call_soon(self.mux.follow, self)
 
     async def close(self) -> None:
         """Leave the mux; the shared socket stays open for the other sessions."""
@@ -259,6 +325,99 @@ class IceMux:
                 del self._by_address[address]
         protocol.addresses.clear()
         protocol.srtp_handler = None
+        protocol.on_moved = None
+
+    def restart(self, connection: Connection, remote_ufrag: str, remote_password: str) -> str:
+        """Restart ICE of ``connection`` with the app's new credentials (RFC 8445 section 9).
+
+        The connection gets a new local username fragment and password, forgets its
+        check list and remote candidates (once connected), and from now on answers and
+        signs checks with the new credentials only; its nominated pair stays in use (media
+        keeps flowing if the address did not change) until the app nominates a pair again,
+        which :meth:`follow` then moves the session to.
+
+        :returns: the new local password (the new ufrag is ``connection.local_username``).
+        :raises LookupError: the connection is not (or no longer) on this mux.
+        :raises ValueError: the app's credentials are not valid ICE credentials.
+        """
+        protocol = self._by_ufrag.get(connection.local_username)
+        if protocol is None or protocol.receiver is not connection:
+            raise LookupError("the connection is not on this ICE mux")
+        validate_username(remote_ufrag)
+        validate_password(remote_password)
+        password = "".join(secrets.choice(_UFRAG_ALPHABET) for _ in range(_PASSWORD_LENGTH))
+        ufrag = self.new_ufrag()
+        del self._by_ufrag[connection.local_username]
+        if internals.nominated_pair(connection) is not None:
+            # Once connected, the old checks and candidates are stale. Before that, aioice's
+            # connect() still runs the checks and fails the connection if they all go; they
+            # are kept and carry on with the new credentials.
+            internals.forget_checks(connection)
+        internals.set_local_credentials(connection, ufrag, password)
+        connection.remote_username = remote_ufrag
+        connection.remote_password = remote_password
+        self._by_ufrag[ufrag] = protocol
+        logger.info("ICE restart of %s: new local ufrag %s", connection, ufrag)
+        return password
+
+    def follow(self, protocol: MuxedStunProtocol) -> None:
+        """Move the session to its nominated pair's address, if that changed.
+
+        Also follows a NAT rebinding: when the current address has stopped answering
+        checks and another address of the session passed one recently, that address's
+        pair becomes the nominated one.
+        """
+        connection = protocol.receiver
+        pair = internals.nominated_pair(connection)
+        if pair is None or pair.protocol is not protocol:
+            return  # not connected yet, or a relayed pair (aioice sends on it itself)
+        address = pair.remote_addr
+        if protocol.consent_misses and address == protocol.remote_address:
+            rebound = self._rebound_pair(protocol, address)
+            if rebound is not None:
+                logger.info(
+                    "%s: %s stopped answering, following its new address %s",
+                    connection,
+                    address,
+                    rebound.remote_addr,
+                )
+                internals.set_nominated_pair(connection, rebound)
+                address = rebound.remote_addr
+        if address == protocol.remote_address:
+            return
+        previous = protocol.remote_address
+        protocol.remote_address = address
+        protocol.consent_misses = 0
+        if previous is None:
+            return  # the first nomination: the session takes its address when it connects
+        logger.info("%s moved from %s to %s", connection, previous, address)
+        for old in list(protocol.addresses):
+            if old != address:
+                protocol.addresses.discard(old)
+                if self._by_address.get(old) is protocol:
+                    del self._by_address[old]
+        protocol.checked = {a: t for a, t in protocol.checked.items() if a == address}
+        if protocol.on_moved is not None:
+            protocol.on_moved(address)
+
+    def _rebound_pair(self, protocol: MuxedStunProtocol, current: Address) -> CandidatePair | None:
+        """The succeeded pair of another address checked most recently, within
+        :data:`REBIND_WINDOW_S`, or ``None``."""
+        horizon = time.monotonic() - REBIND_WINDOW_S
+        best: CandidatePair | None = None
+        best_time = horizon
+        for pair in internals.check_list(protocol.receiver):
+            address = pair.remote_addr
+            checked = protocol.checked.get(address, 0.0)
+            if (
+                pair.protocol is protocol
+                and address != current
+                and address in protocol.addresses
+                and pair.state == CandidatePair.State.SUCCEEDED
+                and checked > best_time
+            ):
+                best, best_time = pair, checked
+        return best
 
     def sessions(self) -> int:
         """How many connections are registered."""

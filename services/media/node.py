@@ -46,6 +46,7 @@ from services.media.convert import recording_message
 from services.media.engine import MediaEngine, Negotiation
 from services.media.levels import SpeakerLevel
 from services.media.metrics import RELAY_STREAMS
+from services.media.peer import Layout
 from services.media.placement import best_edge, best_node, origin_usable
 from services.media.recording import SpaceRecorder
 from services.media.registry import (
@@ -492,8 +493,9 @@ class MediaNode:
                         reason="NODE_UNAVAILABLE",
                     )
                 await self._ensure_relay(grant.space_id, record.origin)
-            # A bad offer is refused before the grant is spent, so the app can fix and retry.
-            parse_offer(offer)
+            # A bad offer is refused before the grant is spent, so the app can fix and retry
+            # (the layout too: slot lines that disagree on Opus are refused by it).
+            Layout.of(parse_offer(offer), self.engine.config.slot_count)
             if not await self.registry.use_grant(grant.nonce, grant.expire_time.timestamp()):
                 raise PermissionDenied(
                     "this media grant was already used; join again for a new one",

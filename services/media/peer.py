@@ -10,6 +10,10 @@ media-specific is set up around it here:
   (:func:`aiortc_internals.neutralize`);
 * unprotected RTP/RTCP is taken from the DTLS transport before aiortc's router
   (:func:`aiortc_internals.intercept_srtp`), and from the mux directly once connected.
+
+aiortc cannot restart ICE; :meth:`Peer.restart_ice` does it on the mux
+(:meth:`IceMux.restart`) and answers from the first answer with new ICE credentials, so the
+DTLS association and SRTP contexts carry on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import secrets
 from collections.abc import Callable
 
@@ -30,15 +35,53 @@ from aiortc import (
 )
 from aiortc.sdp import candidate_from_sdp
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.media import aiortc_internals as internals
 from services.media.config import MediaConfig
 from services.media.icemux import IceMux, MuxedStunProtocol
-from services.media.sdp import AudioLine, Offer, restrict_to_opus, tune_answer
+from services.media.sdp import AudioLine, Offer, parse_offer, restrict_to_opus, tune_answer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Layout", "Peer"]
+__all__ = ["IceParameters", "Layout", "Peer", "ice_parameters"]
+
+_ICE_UFRAG = re.compile(r"^a=ice-ufrag:(\S+)\s*$", re.MULTILINE)
+_ICE_PWD = re.compile(r"^a=ice-pwd:(\S+)\s*$", re.MULTILINE)
+_FINGERPRINT = re.compile(r"^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$", re.MULTILINE)
+_ORIGIN = re.compile(r"^(o=\S+ \S+ )(\d+)( .*)$", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class IceParameters:
+    """The ICE credentials and DTLS fingerprints of an SDP.
+
+    :param ufrag: the first ``a=ice-ufrag`` (one for all m-lines: they are bundled).
+    :param password: the first ``a=ice-pwd``.
+    :param fingerprints: every ``a=fingerprint`` as ``(algorithm, HEX)``, normalized.
+    """
+
+    ufrag: str | None
+    password: str | None
+    fingerprints: frozenset[tuple[str, str]]
+
+
+def ice_parameters(sdp: str) -> IceParameters:
+    """Read the ICE credentials and DTLS fingerprints of an SDP."""
+    ufrag = _ICE_UFRAG.search(sdp)
+    password = _ICE_PWD.search(sdp)
+    return IceParameters(
+        ufrag.group(1) if ufrag else None,
+        password.group(1) if password else None,
+        frozenset((m.group(1).lower(), m.group(2).upper()) for m in _FINGERPRINT.finditer(sdp)),
+    )
+
+
+def _restarted_answer(answer: str, ufrag: str, password: str) -> str:
+    """The first answer with new ICE credentials and the next session version
+    (RFC 3264 section 8: a changed description increments it)."""
+    answer = _ICE_UFRAG.sub(lambda _: f"a=ice-ufrag:{ufrag}", answer)
+    answer = _ICE_PWD.sub(lambda _: f"a=ice-pwd:{password}", answer)
+    return _ORIGIN.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + 1}{m.group(3)}", answer, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +155,11 @@ class Peer:
         self._on_connected = on_connected
         self._on_closed = on_closed
         self._closed = False
+        self._slot_count = config.slot_count
+        self._mids: tuple[str, ...] = ()
+        self._offer_ice: IceParameters | None = None
+        self._answer = ""
+        self._restart_lock = asyncio.Lock()
         self.dtls: RTCDtlsTransport | None = None
         self.connection: Connection | None = None
         self.receiver_ssrc = 0
@@ -160,7 +208,57 @@ class Peer:
         self.pc.on("connectionstatechange", self._pc_state)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
-        return tune_answer(self.pc.localDescription.sdp)
+        self._mids = tuple(line.mid for line in parse_offer(offer_sdp).lines)
+        self._offer_ice = ice_parameters(offer_sdp)
+        self._answer = tune_answer(self.pc.localDescription.sdp)
+        return self._answer
+
+    async def restart_ice(self, offer_sdp: str) -> str:
+        """Restart ICE with the app's new offer; return media's answer.
+
+        The offer must keep the session's m-lines (same mids, same publish and slot
+        lines) and its DTLS fingerprint, and carry ICE credentials (new ones, normally).
+        Media answers with new credentials of its own and the same fingerprint, setup
+        role and candidates; the session moves to the app's new address once the app
+        nominates a pair there (see :meth:`IceMux.follow`).
+
+        :raises InvalidArgument: (``INVALID_SDP``) when the offer does not parse,
+            changes the m-lines or the fingerprint, or lacks ICE credentials.
+        :raises NotFound: (``SESSION_NOT_FOUND``) when the connection has closed.
+        """
+        offer = parse_offer(offer_sdp)
+        if tuple(line.mid for line in offer.lines) != self._mids or (
+            Layout.of(offer, self._slot_count) != self.layout
+        ):
+            raise InvalidArgument(
+                "an ICE restart keeps the session's m-lines; negotiate a new session to "
+                "change them",
+                reason="INVALID_SDP",
+            )
+        params = ice_parameters(offer_sdp)
+        if self._offer_ice is None or self.connection is None or self._closed:
+            # Not answered yet (its name is not out before Negotiate returns) or gone.
+            raise NotFound("no such media session", reason="SESSION_NOT_FOUND")
+        if params.fingerprints != self._offer_ice.fingerprints:
+            raise InvalidArgument(
+                "an ICE restart keeps the DTLS fingerprint; negotiate a new session for a "
+                "new certificate",
+                reason="INVALID_SDP",
+            )
+        if params.ufrag is None or params.password is None:
+            raise InvalidArgument("the offer has no ICE credentials", reason="INVALID_SDP")
+        async with self._restart_lock:
+            try:
+                password = self._mux.restart(self.connection, params.ufrag, params.password)
+            except LookupError as exc:
+                raise NotFound("no such media session", reason="SESSION_NOT_FOUND") from exc
+            except ValueError as exc:
+                raise InvalidArgument(
+                    f"the offer's ICE credentials are refused: {exc}", reason="INVALID_SDP"
+                ) from exc
+            self._offer_ice = params
+            self._answer = _restarted_answer(self._answer, self.connection.local_username, password)
+            return self._answer
 
     def _dtls_state(self) -> None:
         if self.dtls is not None and self.dtls.state == "connected":

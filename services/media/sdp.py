@@ -7,7 +7,10 @@ audio m-line to Opus (RFC 7587) and finishes the answer's Opus parameters.
 
 The parser is deliberately small: it understands the lines that decide the session's
 shape (``m=``, ``a=mid``, directions, ``a=rtpmap``, ``a=extmap``, ``a=group:BUNDLE``) and
-copies everything else through untouched.
+copies everything else through untouched. Once the shape is right, the offer is also read
+with aiortc's SDP parser (no peer connection) and held to what aiortc would refuse later
+(ICE credentials, a DTLS fingerprint, RTCP mux): :func:`parse_offer` runs before the media
+grant is spent, so everything that can refuse an offer must refuse it there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+
+from aiortc import sdp as aiortc_sdp
 
 from services.common.errors import InvalidArgument
 
@@ -40,6 +45,10 @@ _RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([^/\s]+)/(\d+)(?:/(\d+))?", re.IGNORECAS
 _EXTMAP = re.compile(r"^a=extmap:(\d+)(?:/\w+)? (\S+)")
 _FMT_ATTR = re.compile(r"^a=(rtpmap|fmtp|rtcp-fb):(\d+|\*)[ \t]")
 _MAX_OFFER_BYTES = 65536
+_MAX_M_LINES = 64
+"""An app needs 1 + ``max_slots`` (16) m-lines; AddIceCandidate's ``sdp_m_line_index`` goes
+up to 63. aiortc does work per m-line (a 600-line offer takes ~0.3 s of the event loop and
+a 600 KiB answer), so more lines than a candidate can name are refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +127,8 @@ def parse_offer(sdp: str) -> Offer:
     if not sdp.startswith("v=0"):
         raise _invalid("the offer does not start with v=0")
     session, sections = _split(sdp)
+    if len(sections) > _MAX_M_LINES:
+        raise _invalid(f"the offer has {len(sections)} m-lines; at most {_MAX_M_LINES}")
     bundle: tuple[str, ...] = ()
     for line in session:
         if line.startswith("a=group:BUNDLE"):
@@ -150,7 +161,26 @@ def parse_offer(sdp: str) -> Offer:
         raise _invalid("the offer must BUNDLE all of its m-lines")
     if all(line.opus_pt is None for line in lines):
         raise _invalid("the offer has no Opus codec")
+    _check_transport(sdp)
     return Offer(tuple(lines), bundle)
+
+
+def _check_transport(sdp: str) -> None:
+    """Refuse what aiortc's ``setRemoteDescription`` would refuse, or accept and never
+    connect: an unparsable line, a section without ICE credentials, DTLS fingerprint or
+    RTCP mux. Read as the peer will read it (restricted to Opus)."""
+    try:
+        description = aiortc_sdp.SessionDescription.parse(restrict_to_opus(sdp))
+    except Exception as exc:  # aiortc's parser asserts, or int() raises, on bad fields
+        logger.debug("aiortc cannot parse an offer: %r", exc)
+        raise _invalid("the offer does not parse (a malformed m= or attribute line)") from None
+    for index, media in enumerate(description.media):
+        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+            raise _invalid(f"m-line {index} has no ICE credentials (a=ice-ufrag, a=ice-pwd)")
+        if media.dtls is None or not media.dtls.fingerprints:
+            raise _invalid(f"m-line {index} has no DTLS fingerprint (a=fingerprint)")
+        if not media.rtcp_mux:
+            raise _invalid(f"m-line {index} does not multiplex RTCP (a=rtcp-mux)")
 
 
 def restrict_to_opus(sdp: str) -> str:

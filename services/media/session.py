@@ -143,6 +143,7 @@ class Session:
             assert pair is not None
             self.egress = EgressHandle(self.id, tx, protocol.mux.fd, pair.remote_addr)
             protocol.srtp_handler = self.on_srtp
+            protocol.on_moved = self._moved
         else:
             logger.info("session %s: relayed ICE pair, using aiortc's send path", self.id)
             self.fallback = FallbackSender(lambda data: internals.send_rtp(dtls, data))
@@ -150,6 +151,17 @@ class Session:
         self.room.attach(self)
         if not self.connected.done():
             self.connected.set_result(None)
+
+    def _moved(self, address: tuple[str, int]) -> None:
+        """The app's nominated ICE pair moved (ICE restart, NAT rebinding): forward to
+        its new address. DTLS, SRTP and RTCP from aiortc follow aioice's nominated pair
+        by themselves; the egress workers keep their own copy of the address."""
+        egress = self.egress
+        if egress is None or self.state is not SessionState.CONNECTED:
+            return
+        logger.info("session %s: forwarding to %s from now on", self.id, address)
+        group = self.group
+        self.room.pool.readdress(egress, address, group.group_id if group else None)
 
     def _closed(self) -> None:
         self.room.loop.create_task(self.room.close_session(self, reason="peer connection ended"))
@@ -160,6 +172,7 @@ class Session:
         protocol = self.peer.muxed_protocol()
         if protocol is not None:
             protocol.srtp_handler = None
+            protocol.on_moved = None
         if not self.connected.done():
             self.connected.set_exception(ConnectionError("the session closed"))
             self.connected.exception()  # retrieved: nobody may be waiting

@@ -146,6 +146,80 @@ async def test_connection_private_state_drives_gathering_and_pairing() -> None:
     assert mux.sessions() == 0, "closing the connection left the mux"
 
 
+async def test_ice_restart_state_credentials_check_list_and_nominated_pair() -> None:
+    """``_local_username``/``_local_password``, ``_check_list``, ``_remote_candidates``,
+    ``_nominating`` and ``_nominated``, as ``IceMux.restart`` and ``IceMux.follow`` use
+    them: after a restart with new credentials on both sides, a check by the app nominates
+    a pair again and data flows; setting the nominated pair moves aioice's sends."""
+    mux = IceMux("127.0.0.1")
+    await mux.start()
+    ours = Connection(ice_controlling=False)
+    theirs = Connection(ice_controlling=True)
+    try:
+        mux.attach(ours)
+        await ours.gather_candidates()
+        await _gather_on(theirs, ["127.0.0.1"])
+        for a, b in ((ours, theirs), (theirs, ours)):
+            a.remote_username = b.local_username
+            a.remote_password = b.local_password
+            for c in b.local_candidates:
+                await a.add_remote_candidate(c)
+            await a.add_remote_candidate(None)
+        await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
+        first = internals.nominated_pair(ours)
+        assert first is not None and first in internals.check_list(ours)
+        assert internals.check_list(ours) == ours._check_list
+        assert internals.check_list(ours) is not ours._check_list, "a copy"
+        old_ufrag = ours.local_username
+
+        # The app restarts ICE: new credentials both ways.
+        theirs._local_username, theirs._local_password = "appufrag2", "a" * 22
+        password = mux.restart(ours, theirs.local_username, theirs.local_password)
+        assert ours.local_username != old_ufrag and ours.local_password == password
+        assert (ours.remote_username, ours.remote_password) == ("appufrag2", "a" * 22)
+        assert ours._check_list == [] and ours._remote_candidates == []
+        assert ours._nominating == set()
+        assert internals.nominated_pair(ours) is first, "kept until a new nomination"
+        theirs.remote_username, theirs.remote_password = ours.local_username, password
+        [their_pair] = [p for p in theirs._check_list if p is theirs._nominated[1]]
+        await asyncio.wait_for(theirs.check_start(their_pair), 5)  # nominates (controlling)
+        for _ in range(100):
+            if internals.nominated_pair(ours) is not first:
+                break
+            await asyncio.sleep(0.02)
+        second = internals.nominated_pair(ours)
+        assert second is not None and second is not first
+        assert second.remote_addr == first.remote_addr
+        await theirs.send(b"\x17again")
+        assert await asyncio.wait_for(ours.recv(), 5) == b"\x17again"
+
+        internals.set_nominated_pair(ours, first)
+        assert internals.nominated_pair(ours) is first
+
+        # forget_checks cancels a running check.
+        blocker = asyncio.ensure_future(asyncio.sleep(10))
+        second.task = blocker  # type: ignore[assignment]
+        ours._check_list.append(second)
+        internals.forget_checks(ours)
+        await asyncio.sleep(0)
+        assert blocker.cancelled() and second.task is None and ours._check_list == []
+    finally:
+        await ours.close()
+        await theirs.close()
+        mux.close()
+
+
+def test_aioice_validates_ice_credentials_as_the_mux_expects() -> None:
+    """``IceMux.restart`` relies on aioice's (public) credential checks raising
+    ``ValueError``."""
+    aioice.ice.validate_username("abcd")
+    aioice.ice.validate_password("a" * 22)
+    with pytest.raises(ValueError):
+        aioice.ice.validate_username("a b")
+    with pytest.raises(ValueError):
+        aioice.ice.validate_password("short")
+
+
 async def _gather_on(connection: Connection, addresses: list[str]) -> None:
     """Gather host candidates on given addresses with aioice's own code."""
     candidates = await connection.get_component_candidates(1, addresses=addresses)

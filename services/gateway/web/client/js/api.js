@@ -305,6 +305,7 @@ export const api = {
 
   negotiate: (node, grant, sdpOffer) =>
     call("POST", `/v1/${node}/sessions:negotiate`, { grant, sdpOffer }),
+  restartIce: (session, sdpOffer) => call("POST", `/v1/${session}:restartIce`, { sdpOffer }),
   leaveSession: (session) => call("POST", `/v1/${session}:leave`, {}, { keepalive: true }),
 };
 

@@ -8,11 +8,20 @@
 // candidates, so we gather ours completely before sending the offer (no trickle).
 // A media_reconnect event brings a fresh grant: a new session is connected before the
 // old one is left (media closes the older of two sessions of the same participant).
+// When the network changes under us (Wi-Fi to cellular, a NAT rebinding), ICE goes
+// 'disconnected' or 'failed': after RESTART_AFTER_MS of that we restart ICE on the same
+// session (pc.restartIce(), a new offer to RestartIce, its answer), which keeps the DTLS
+// session, the slots and our place in the Space. Only if that fails is 'failed' reported,
+// and the Space page rejoins for a fresh grant.
 
 import { api } from "./api.js";
 
 export const SLOTS = 3;
 const GATHER_TIMEOUT_MS = 4000;
+// 'disconnected' this long means the path is gone, not a burst of loss: restart ICE.
+const RESTART_AFTER_MS = 3000;
+// Restarts in a row that did not reconnect before we give up and rejoin instead.
+const RESTART_ATTEMPTS = 2;
 
 function waitForGathering(pc) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
@@ -57,6 +66,73 @@ class Connection {
     this.audios = [];
     this.session = "";
     this.slotCount = 0;
+    this.closed = false;
+    this.restarting = false;
+    this.restarts = 0;
+    this.restartAttempts = 0;
+    this.onRestartFailed = null;
+    this._restartTimer = null;
+    this.pc.addEventListener("iceconnectionstatechange", () => this._iceState());
+  }
+
+  _useIceServers(iceServers) {
+    if (!iceServers || !iceServers.length) return;
+    try {
+      this.pc.setConfiguration({ ...this.pc.getConfiguration(), iceServers });
+    } catch {
+      // a configuration the browser refuses is not worth failing the call for
+    }
+  }
+
+  _iceState() {
+    const state = this.pc.iceConnectionState;
+    if (state === "connected" || state === "completed") this.restartAttempts = 0;
+    if (state === "disconnected") {
+      // Often back by itself within a second or two (consent checks answered again).
+      if (!this._restartTimer) {
+        this._restartTimer = setTimeout(() => {
+          this._restartTimer = null;
+          if (this.pc.iceConnectionState === "disconnected") this.restartIce();
+        }, RESTART_AFTER_MS);
+      }
+      return;
+    }
+    clearTimeout(this._restartTimer);
+    this._restartTimer = null;
+    if (state === "failed") this.restartIce();
+  }
+
+  /** Restarts ICE on the same media session (new credentials, same DTLS and slots). */
+  async restartIce() {
+    if (this.restarting || this.closed || !this.session) return;
+    if (this.restartAttempts >= RESTART_ATTEMPTS) {
+      if (this.onRestartFailed) this.onRestartFailed(new Error("ICE restarts did not reconnect"));
+      return;
+    }
+    this.restarting = true;
+    this.restartAttempts += 1;
+    try {
+      this.pc.restartIce();
+      await this.pc.setLocalDescription(await this.pc.createOffer({ iceRestart: true }));
+      await waitForGathering(this.pc);
+      const reply = await api.restartIce(this.session, this.pc.localDescription.sdp);
+      if (this.closed) return;
+      this._useIceServers(reply.iceServers);
+      await this.pc.setRemoteDescription({ type: "answer", sdp: reply.sdpAnswer });
+      this.restarts += 1;
+    } catch (error) {
+      // The session is gone (NOT_FOUND) or the node refused: back to a stable state, and
+      // let the Space page rejoin for a fresh grant.
+      if (this.pc.signalingState === "have-local-offer") {
+        await this.pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+      }
+      if (!this.closed && this.onRestartFailed) this.onRestartFailed(error);
+      return;
+    } finally {
+      this.restarting = false;
+    }
+    // Still failed after the restart (e.g. the answer raced the new path): try once more.
+    if (this.pc.iceConnectionState === "failed") this.restartIce();
   }
 
   async negotiate(grant) {
@@ -70,13 +146,7 @@ class Connection {
     );
     this.session = reply.session;
     this.slotCount = Math.min(reply.slotCount || SLOTS, SLOTS);
-    if (reply.iceServers && reply.iceServers.length) {
-      try {
-        this.pc.setConfiguration({ ...this.pc.getConfiguration(), iceServers: reply.iceServers });
-      } catch {
-        // a configuration the browser refuses is not worth failing the call for
-      }
-    }
+    this._useIceServers(reply.iceServers);
     await this.pc.setRemoteDescription({ type: "answer", sdp: reply.sdpAnswer });
     this._play();
     return reply;
@@ -96,6 +166,9 @@ class Connection {
   }
 
   async close() {
+    this.closed = true;
+    clearTimeout(this._restartTimer);
+    this._restartTimer = null;
     for (const audio of this.audios) {
       audio.srcObject = null;
       audio.remove();
@@ -132,8 +205,15 @@ export class MediaSession extends EventTarget {
     return this._serial(async () => {
       const next = new Connection(this.sinks);
       next.pc.addEventListener("connectionstatechange", () => {
-        if (this.conn === next) this._emit("state", next.pc.connectionState);
+        if (this.conn !== next) return;
+        const state = next.pc.connectionState;
+        // A failure while ICE restarts may still heal; the restart's outcome decides.
+        if (state === "failed" && next.restarting) return;
+        this._emit("state", state);
       });
+      next.onRestartFailed = () => {
+        if (this.conn === next) this._emit("state", "failed");
+      };
       let reply;
       try {
         reply = await next.negotiate(grant);
@@ -185,6 +265,7 @@ export class MediaSession extends EventTarget {
       state: this.state,
       session: this.conn ? this.conn.session : "",
       slotCount: this.conn ? this.conn.slotCount : 0,
+      iceRestarts: this.conn ? this.conn.restarts : 0,
     };
     if (!this.conn) return result;
     const report = await this.conn.pc.getStats();
