@@ -37,7 +37,10 @@ __all__ = [
     "replace_gatherer",
     "send_rtp",
     "sender_ssrc",
+    "consent_interval",
+    "replace_consent",
     "set_local_credentials",
+    "tie_breaker",
     "set_local_ufrag",
     "set_consent_interval",
     "set_nominated_pair",
@@ -60,6 +63,24 @@ def set_consent_interval(seconds: float) -> None:
     RFC 7675 wants sending stopped within 30 s.
     """
     aioice.ice.CONSENT_INTERVAL = seconds  # type: ignore[assignment]  # read as a float
+
+
+def consent_interval() -> float:
+    """aioice's mean interval between consent checks (``aioice.ice.CONSENT_INTERVAL``)."""
+    return float(aioice.ice.CONSENT_INTERVAL)
+
+
+def replace_consent(connection: Connection, keep: Callable[[], Awaitable[None]]) -> None:
+    """Make ``connect()`` run ``keep`` where aioice would start its consent freshness task
+    (``Connection.query_consent``, started once ICE completed and cancelled by
+    ``close()``; an instance attribute shadows the method)."""
+    connection.query_consent = keep  # type: ignore[method-assign,assignment]
+
+
+def tie_breaker(connection: Connection) -> int:
+    """The connection's ICE tie-breaker (``Connection._tie_breaker``), sent in checks."""
+    value: int = connection._tie_breaker
+    return value
 
 
 def ice_connection(transceiver: RTCRtpTransceiver) -> Connection:

@@ -23,7 +23,6 @@ import heapq
 import hmac
 import itertools
 import logging
-import os
 import random
 import socket
 import struct
@@ -202,10 +201,15 @@ def binding_success(
 
 
 def binding_request(
-    transaction_id: bytes, username: str, priority: int, tie_breaker: int, remote_password: bytes
+    transaction_id: bytes,
+    username: str,
+    priority: int,
+    tie_breaker: int,
+    remote_password: bytes,
+    controlling: bool = False,
 ) -> bytes:
-    """A consent check of a controlled agent (as aioice builds it: USERNAME, PRIORITY,
-    ICE-CONTROLLED, MESSAGE-INTEGRITY, FINGERPRINT)."""
+    """A consent check (as aioice builds it: USERNAME, PRIORITY, ICE-CONTROLLED or
+    ICE-CONTROLLING, MESSAGE-INTEGRITY, FINGERPRINT)."""
     name = username.encode()
     body = (
         _ATTRIBUTE.pack(USERNAME, len(name))
@@ -213,7 +217,7 @@ def binding_request(
         + b"\0" * (-len(name) % 4)
         + _ATTRIBUTE.pack(PRIORITY, 4)
         + struct.pack("!I", priority)
-        + _ATTRIBUTE.pack(ICE_CONTROLLED, 8)
+        + _ATTRIBUTE.pack(ICE_CONTROLLING if controlling else ICE_CONTROLLED, 8)
         + struct.pack("!Q", tie_breaker)
     )
     return _sealed(BINDING_REQUEST, transaction_id, body, remote_password)
@@ -240,19 +244,25 @@ def parse_binding_response(data: bytes, remote_password: bytes) -> tuple[bytes, 
 class ConsentTarget:
     """One session whose consent the node checks.
 
-    :ivar credentials: ``() -> (username, remote password, priority, tie-breaker,
-        address)`` read at every check, so an ICE restart's new credentials or address
-        are used from the next check on.
+    :ivar check: ``() -> (request, remote password, address)``, the check to send now
+        (:func:`binding_request` with a fresh transaction id), or ``None`` while there is
+        nothing to check; called at every check, so an ICE restart's new credentials or
+        address are used from the next check on.
     :ivar send: sends a datagram to an address (the mux's socket).
     :ivar expired: called once when consent is lost.
+    :ivar on_answer: called with the address of every answered check.
+    :ivar on_miss: called with the address of every check left unanswered.
     """
 
-    credentials: Callable[[], tuple[str, bytes, int, int, tuple[str, int]] | None]
+    check: Callable[[], tuple[bytes, bytes, tuple[str, int]] | None]
     send: Callable[[bytes, tuple[str, int]], None]
     expired: Callable[[], None]
+    on_answer: Callable[[tuple[str, int]], None] | None = None
+    on_miss: Callable[[tuple[str, int]], None] | None = None
     failures: int = 0
     pending: bytes | None = None
     pending_key: bytes = b""
+    pending_address: tuple[str, int] = ("", 0)
     active: bool = True
     last_answer: float = field(default_factory=time.monotonic)
 
@@ -284,6 +294,12 @@ class ConsentChecker:
         """Start the timer (on the running loop)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="ice consent")
+
+    def cancel(self) -> None:
+        """Stop checking without waiting (from synchronous code)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
     async def stop(self) -> None:
         """Stop checking."""
@@ -323,6 +339,8 @@ class ConsentChecker:
         if success:
             target.failures = 0
             target.last_answer = time.monotonic()
+            if target.on_answer is not None:
+                target.on_answer(target.pending_address)
         else:
             self._fail(target)
         return True
@@ -333,6 +351,8 @@ class ConsentChecker:
 
     def _fail(self, target: ConsentTarget) -> None:
         target.failures += 1
+        if target.on_miss is not None:
+            target.on_miss(target.pending_address)
         if target.failures >= self.failures and target.active:
             self.untrack(target)
             try:
@@ -347,18 +367,17 @@ class ConsentChecker:
             self._fail(target)
             if not target.active:
                 return
-        credentials = target.credentials()
-        if credentials is None:  # not connected (any more); check again later
+        check = target.check()
+        if check is None:  # nothing to check right now; again later
             self._schedule(target)
             return
-        username, password, priority, tie_breaker, address = credentials
-        transaction_id = os.urandom(12)
+        request, password, address = check
+        transaction_id = request[8:20]
         target.pending = transaction_id
         target.pending_key = password
+        target.pending_address = address
         self._pending[transaction_id] = target
-        target.send(
-            binding_request(transaction_id, username, priority, tie_breaker, password), address
-        )
+        target.send(request, address)
         self._schedule(target)
 
     async def _run(self) -> None:

@@ -14,6 +14,14 @@ aiortc's DTLS task.
 
 The shared socket is also one port to open in a firewall or a Kubernetes Service.
 
+**Consent** (RFC 7675) of connected sessions is kept by the mux, not by aioice's
+per-connection task and generic STUN code (a tenth of a core for a thousand listeners):
+one :class:`~services.media.consent.ConsentChecker` sends every session's checks, and a
+peer's plain consent check from the session's current address is answered directly. Any
+other STUN (nominations, role conflicts, other addresses, checks during a restart) still
+goes through aioice. A session whose nominated pair is not on the mux (TURN) keeps
+aioice's own consent task.
+
 **Moving a session** (ICE restart, NAT rebinding). aioice itself replaces a connection's
 nominated pair whenever the app nominates another one (``USE-CANDIDATE`` on a pair whose
 check succeeded), also long after ICE completed. The mux watches for that (after every STUN
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
 import string
@@ -53,6 +62,18 @@ from aioice.ice import (
 )
 
 from services.media import aiortc_internals as internals
+from services.media.consent import (
+    BINDING_ERROR,
+    BINDING_REQUEST,
+    BINDING_SUCCESS,
+    ICE_CONTROLLED,
+    ICE_CONTROLLING,
+    ConsentChecker,
+    ConsentTarget,
+    binding_request,
+    binding_success,
+    parse_binding_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +120,8 @@ class MuxedStunProtocol(StunProtocol):
         """Consecutive unanswered checks of :attr:`remote_address`."""
         self.checked: dict[Address, float] = {}
         """When a check of ours to each address last succeeded (``time.monotonic()``)."""
+        self.consent: ConsentTarget | None = None
+        """The session's consent, while the mux keeps it (connected, pair on the mux)."""
         transport = mux.transport
         assert transport is not None, "start() the mux first"
         self.transport = transport
@@ -196,6 +219,7 @@ class IceMux:
         self._by_address: dict[tuple[str, int], MuxedStunProtocol] = {}
         self._by_ufrag: dict[str, MuxedStunProtocol] = {}
         self._protocols: set[MuxedStunProtocol] = set()
+        self.consent: ConsentChecker | None = None
 
     async def start(self) -> None:
         """Bind the socket and start reading it.
@@ -222,12 +246,18 @@ class IceMux:
         self.transport = _MuxTransport(sock)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.fd, self._readable)
+        # Read now: the engine sets the interval for this node before starting the mux.
+        self.consent = ConsentChecker(internals.consent_interval(), internals.CONSENT_FAILURES)
+        self.consent.start()
         logger.info(
             "ICE mux listening on %s:%d (announced as %s)", self.host, self.port, self.announce
         )
 
     def close(self) -> None:
         """Close the socket (sessions should be closed first)."""
+        if self.consent is not None:
+            self.consent.cancel()
+            self.consent = None
         if self._sock is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self.fd)
@@ -302,6 +332,7 @@ class IceMux:
             protocol = MuxedStunProtocol(connection, self, candidate)
             self.register(protocol)
             internals.add_local_candidate(connection, protocol, candidate)
+            internals.replace_consent(connection, lambda: self._keep_consent(protocol))
             if connection.turn_server is not None:
                 for relayed in await connection.get_component_candidates(1, addresses=[]):
                     internals.add_local_candidate(connection, None, relayed)
@@ -419,6 +450,87 @@ class IceMux:
                 best, best_time = pair, checked
         return best
 
+    async def _keep_consent(self, protocol: MuxedStunProtocol) -> None:
+        """What runs in place of aioice's ``query_consent`` once ICE completed: the mux's
+        checker keeps the session's consent until it expires (then the connection closes,
+        as aioice would close it) or the connection closes (which cancels this)."""
+        connection = protocol.receiver
+        pair = internals.nominated_pair(connection)
+        checker = self.consent
+        if checker is None or pair is None or pair.protocol is not protocol:
+            # A relayed pair (TURN) or a stopping mux: aioice's own consent task.
+            await type(connection).query_consent(connection)
+            return
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def expired() -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        target = ConsentTarget(
+            check=lambda: self._consent_check(protocol),
+            send=self._send,
+            expired=expired,
+            on_answer=lambda address: self._consent_answered(protocol, address),
+            on_miss=lambda address: self._consent_missed(protocol, address),
+        )
+        protocol.consent = target
+        checker.track(target)
+        try:
+            await lost
+        finally:
+            checker.untrack(target)
+            protocol.consent = None
+        logger.info("%s: consent to send expired", connection)
+        # Not awaited here: close() cancels the consent task, which is this one.
+        asyncio.get_running_loop().create_task(connection.close())
+
+    def _consent_check(self, protocol: MuxedStunProtocol) -> tuple[bytes, bytes, Address] | None:
+        connection = protocol.receiver
+        pair = internals.nominated_pair(connection)
+        if pair is None or pair.protocol is not protocol or connection.remote_password is None:
+            return None
+        password = connection.remote_password.encode("utf8")
+        request = binding_request(
+            os.urandom(12),
+            f"{connection.remote_username}:{connection.local_username}",
+            candidate_priority(pair.component, "prflx"),
+            internals.tie_breaker(connection),
+            password,
+            controlling=connection.ice_controlling,
+        )
+        return request, password, pair.remote_addr
+
+    def _consent_answered(self, protocol: MuxedStunProtocol, address: Address) -> None:
+        protocol.checked[address] = time.monotonic()
+        if address == protocol.remote_address:
+            protocol.consent_misses = 0
+
+    def _consent_missed(self, protocol: MuxedStunProtocol, address: Address) -> None:
+        if address == protocol.remote_address:
+            protocol.consent_misses += 1
+            self.follow(protocol)
+
+    def _send(self, data: bytes, address: Address) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, address)
+
+    def _answer_consent(self, protocol: MuxedStunProtocol, data: bytes, address: Address) -> bool:
+        """Answer a peer's plain consent check from the session's current address;
+        ``False`` leaves the datagram to aioice."""
+        if protocol.consent is None or address != protocol.remote_address:
+            return False
+        connection = protocol.receiver
+        password = connection.local_password.encode("utf8")
+        request = parse_binding_request(data, connection.local_username, password)
+        if request is None or request.use_candidate:
+            return False
+        conflict = ICE_CONTROLLING if connection.ice_controlling else ICE_CONTROLLED
+        if request.role_attribute == conflict:
+            return False
+        self._send(binding_success(request.transaction_id, address, password), address)
+        return True
+
     def sessions(self) -> int:
         """How many connections are registered."""
         return len(self._protocols)
@@ -442,6 +554,13 @@ class IceMux:
                 handler(data, received or time.perf_counter())
                 return
         if first < 2:
+            kind = (first << 8) | data[1] if len(data) > 1 else -1
+            if kind == BINDING_REQUEST:
+                if self._answer_consent(protocol, data, address):
+                    return
+            elif kind in (BINDING_SUCCESS, BINDING_ERROR):
+                if self.consent is not None and self.consent.answered(data):
+                    return
             protocol.datagram_received(data, address)
         else:
             # DTLS (and SRTP before the session takes it): what aioice does for non-STUN.

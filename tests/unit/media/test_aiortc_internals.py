@@ -326,3 +326,45 @@ async def test_peer_connection_internals(
     finally:
         await media.close()
         mux.close()
+
+
+async def test_the_mux_keeps_consent_in_place_of_aioice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Connection.query_consent`` is what ``connect()`` starts once ICE completed (the mux
+    replaces it) and ``_tie_breaker`` is what checks carry: the app's own aioice consent
+    checks are answered by the mux, the mux's checks by the app, and when the app goes
+    away the mux expires consent and closes the connection, as aioice would."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.1)
+    assert internals.consent_interval() == 0.1
+    mux = IceMux("127.0.0.1")
+    await mux.start()
+    ours = Connection(ice_controlling=False)
+    theirs = Connection(ice_controlling=True)
+    try:
+        assert internals.tie_breaker(ours) == ours._tie_breaker
+        mux.attach(ours)
+        await ours.gather_candidates()
+        await _gather_on(theirs, ["127.0.0.1"])
+        for a, b in ((ours, theirs), (theirs, ours)):
+            a.remote_username = b.local_username
+            a.remote_password = b.local_password
+            for c in b.local_candidates:
+                await a.add_remote_candidate(c)
+            await a.add_remote_candidate(None)
+        await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
+        [protocol] = [p for p in ours._protocols if isinstance(p, MuxedStunProtocol)]
+        await asyncio.sleep(0.05)
+        assert protocol.consent is not None, "the mux keeps this session's consent"
+        await asyncio.sleep(1.5)  # ~15 checks each way, 6 misses would expire either side
+        assert theirs._query_consent_task is not None and not theirs._query_consent_task.done()
+        assert protocol.consent is not None and protocol.consent.failures == 0
+        assert protocol.remote_address in protocol.checked
+        await theirs.close()  # the app goes away: nobody answers the mux's checks
+        for _ in range(100):
+            if ours._closing:
+                break
+            await asyncio.sleep(0.05)
+        assert ours._closing and protocol.consent is None
+    finally:
+        await ours.close()
+        await theirs.close()
+        mux.close()

@@ -67,6 +67,10 @@ def test_our_check_is_what_aioice_expects_and_its_answer_is_parsed() -> None:
     assert request.attributes["PRIORITY"] == 1234
     assert request.attributes["ICE-CONTROLLED"] == 99
     assert request.check_message_integrity(REMOTE_PWD)
+    controlling = stun.parse_message(
+        binding_request(tid, "rufrag:lufrag", 1234, 99, REMOTE_PWD, controlling=True)
+    )
+    assert controlling.attributes["ICE-CONTROLLING"] == 99
     answer = stun.Message(
         message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE, transaction_id=tid
     )
@@ -86,6 +90,7 @@ def test_our_check_is_what_aioice_expects_and_its_answer_is_parsed() -> None:
 async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() -> None:
     checker = ConsentChecker(interval=0.05, failures=3)
     expired: list[str] = []
+    answers_seen: list[tuple[str, int]] = []
     answering = True
 
     def target(name: str, answers: bool) -> ConsentTarget:
@@ -104,9 +109,14 @@ async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() ->
                 asyncio.get_running_loop().call_soon(checker.answered, bytes(reply))
 
         return ConsentTarget(
-            credentials=lambda: ("r:l", REMOTE_PWD, 1, 2, ("127.0.0.1", 9)),
+            check=lambda: (
+                binding_request(os.urandom(12), "r:l", 1, 2, REMOTE_PWD),
+                REMOTE_PWD,
+                ("127.0.0.1", 9),
+            ),
             send=send,
             expired=lambda: expired.append(name),
+            on_answer=lambda address: answers_seen.append(address),
         )
 
     checker.start()
@@ -115,6 +125,7 @@ async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() ->
     checker.track(silent)
     await asyncio.sleep(0.5)
     assert expired == ["silent"] and live.active and live.failures == 0
+    assert answers_seen and set(answers_seen) == {("127.0.0.1", 9)}
     answering = False
     await asyncio.sleep(0.5)
     assert expired == ["silent", "live"]
