@@ -98,21 +98,25 @@ def _fingerprint(data: bytes, end: int) -> int:
 def _attributes(data: bytes) -> list[tuple[int, int, int]] | None:
     """``(type, value offset, value length)`` of every attribute, or ``None`` when the
     message is not well formed STUN."""
-    if len(data) < 20:
+    total = len(data)
+    if total < 20:
         return None
     _kind, length, cookie, _tid = _HEADER.unpack_from(data)
-    if cookie != COOKIE or length != len(data) - 20 or length % 4:
+    if cookie != COOKIE or length != total - 20 or length % 4:
         return None
     found = []
     at = 20
-    while at < len(data):
-        if at + 4 > len(data):
-            return None
-        kind, size = _ATTRIBUTE.unpack_from(data, at)
-        if at + 4 + size > len(data):
-            return None
-        found.append((kind, at, size))
-        at += 4 + size + (-size % 4)
+    unpack = _ATTRIBUTE.unpack_from
+    try:
+        while at < total:
+            kind, size = unpack(data, at)
+            end = at + 4 + size
+            if end > total:
+                return None
+            found.append((kind, at, size))
+            at = end + (-size % 4)
+    except struct.error:  # a truncated attribute header
+        return None
     return found
 
 

@@ -131,3 +131,17 @@ async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() ->
     assert expired == ["silent", "live"]
     assert len(checker) == 0
     await checker.stop()
+
+
+def test_truncated_or_mangled_messages_are_refused_without_raising() -> None:
+    data = aioice_request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLING": 7})
+    for end in range(len(data)):
+        assert parse_binding_request(data[:end], "lufrag", LOCAL_PWD) is None
+        assert parse_binding_response(data[:end], LOCAL_PWD) is None
+    rng = __import__("random").Random(7)
+    for _ in range(2000):
+        mangled = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            mangled[rng.randrange(len(mangled))] = rng.randrange(256)
+        parsed = parse_binding_request(bytes(mangled), "lufrag", LOCAL_PWD)
+        assert parsed is None or bytes(mangled) == data
