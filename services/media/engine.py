@@ -45,7 +45,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EngineStats", "MediaEngine", "Negotiation", "SpaceStats"]
 
-_RTCP_CHECK = 0.25
+_RTCP_CHECK = 0.1
+"""How often due RTCP reports go out. Often, so each round is short: a round builds every
+report that fell due since the last one on the event loop (a thousand listeners' reports
+every 0.25 s held ingress for several milliseconds, the forwarding latency's p99)."""
 
 
 @dataclasses.dataclass(frozen=True)
