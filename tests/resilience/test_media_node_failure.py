@@ -18,17 +18,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import httpx
 import pytest
-from aiortc import RTCSessionDescription
-from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
-from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
+from tests.helpers.apps import Member
 from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
-from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard_since
+from tests.integration.media.peers import Tone, eventually, heard_since
 from tools.devstack import Stack
 
 pytestmark = pytest.mark.resilience
@@ -52,72 +48,6 @@ async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     port = stack.services["gateway"].http_port
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
         yield http
-
-
-class Member:
-    """A user with an app connected to media, able to follow a media_reconnect event."""
-
-    def __init__(self, client: httpx.AsyncClient, name: str, tone: Tone | None) -> None:
-        self.client = client
-        self.name = name
-        self.tone = tone
-        self.auth: dict[str, str] = {}
-        self.token = ""
-        self.app = App(name, tone)
-        self.node = ""
-        self.reconnects: list[Any] = []
-
-    async def sign_up(self) -> None:
-        reply = await self.client.post(
-            "/v1/users",
-            json={
-                "user": {"handle": f"{self.name}_{uuid.uuid4().hex[:8]}", "displayName": self.name},
-                "password": "correct horse battery",
-                "requestId": str(uuid.uuid4()),
-            },
-        )
-        assert reply.status_code == 200, reply.text
-        self.token = reply.json()["tokens"]["accessToken"]
-        self.auth = {"Authorization": f"Bearer {self.token}"}
-
-    async def post(self, path: str, **body: Any) -> Any:
-        reply = await self.client.post(path, json=body, headers=self.auth)
-        assert reply.status_code == 200, f"{path}: {reply.text}"
-        return reply.json()
-
-    async def join(self, space: str) -> None:
-        joined = await self.post(f"/v1/{space}:join", requestId=str(uuid.uuid4()))
-        await self.negotiate(
-            joined["mediaGrant"]["token"], joined["mediaGrant"]["endpoint"]["node"]
-        )
-
-    async def negotiate(self, grant: str, node: str) -> None:
-        self.node = node
-        await self.app.pc.setLocalDescription(await self.app.pc.createOffer())
-        answer = await self.post(
-            f"/v1/mediaNodes/{node}/sessions:negotiate",
-            grant=grant,
-            sdpOffer=self.app.pc.localDescription.sdp,
-        )
-        await self.app.pc.setRemoteDescription(RTCSessionDescription(answer["sdpAnswer"], "answer"))
-        self.app.recorder = SlotRecorder([t.receiver.track for t in self.app.slot_transceivers])
-
-    async def follow_reconnects(self, rooms_port: int, space: str) -> None:
-        """Watch the Space; on media_reconnect, negotiate again with the fresh grant."""
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{rooms_port}") as channel:
-            stream = rooms_grpc.RoomsServiceStub(channel).WatchSpace(
-                rooms_pb.WatchSpaceRequest(name=space),
-                metadata=(("authorization", f"Bearer {self.token}"),),
-            )
-            async for batch in stream:
-                for event in batch.events:
-                    if event.WhichOneof("event") != "media_reconnect":
-                        continue
-                    grant = event.media_reconnect.media_grant
-                    self.reconnects.append(event.media_reconnect)
-                    await self.app.close()
-                    self.app = App(self.name, Tone(self.tone.freq, 0.3) if self.tone else None)
-                    await self.negotiate(grant.token, grant.endpoint.node)
 
 
 async def test_an_edge_relays_a_full_origin_and_a_killed_origin_s_participants_move(
