@@ -115,6 +115,16 @@ class ScopedServerInterceptor(_ServerInterceptor, abc.ABC):
         """Whether this interceptor wraps ``method`` at all (default: every method)."""
         return True
 
+    def request_deserializer(
+        self, deserializer: Callable[[bytes], Any] | None
+    ) -> Callable[[bytes], Any] | None:
+        """The deserializer a wrapped handler of a unary request uses (default: unchanged).
+
+        gRPC parses the request before any interceptor's behaviour runs, and answers a parse
+        failure with UNKNOWN itself; replacing the deserializer is the only way to see it.
+        """
+        return deserializer
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -134,7 +144,7 @@ class ScopedServerInterceptor(_ServerInterceptor, abc.ABC):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, request_streaming=False),
-                request_deserializer=deserializer,
+                request_deserializer=self.request_deserializer(deserializer),
                 response_serializer=serializer,
             )
         if handler.stream_unary is not None:
@@ -146,7 +156,7 @@ class ScopedServerInterceptor(_ServerInterceptor, abc.ABC):
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, request_streaming=False),
-                request_deserializer=deserializer,
+                request_deserializer=self.request_deserializer(deserializer),
                 response_serializer=serializer,
             )
         if handler.stream_stream is not None:

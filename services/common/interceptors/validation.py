@@ -7,13 +7,18 @@ such handlers validate each message they read.
 
 One rule holds for every string of every request without being written in the protos: no
 NUL character (U+0000). No text of the product needs one, and PostgreSQL cannot store it.
+
+Bytes that do not parse as the request message at all (a corrupt wire format, a string field
+holding invalid UTF-8) are INVALID_ARGUMENT too, without field violations: left to gRPC they
+would be UNKNOWN, carrying the parser's text, as if the server had failed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import protovalidate
@@ -24,7 +29,23 @@ from services.common.interceptors.base import ScopedServerInterceptor, ServerCal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ValidationInterceptor", "field_path", "nul_fields", "violations_of"]
+__all__ = [
+    "UndecodableRequest",
+    "ValidationInterceptor",
+    "field_path",
+    "nul_fields",
+    "violations_of",
+]
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Stands in for a request whose bytes did not parse, until validation refuses it.
+
+    :ivar error: the parser's exception type (for the log; the caller is not told).
+    """
+
+    error: str
 
 
 class ValidationInterceptor(ScopedServerInterceptor):
@@ -37,8 +58,32 @@ class ValidationInterceptor(ScopedServerInterceptor):
     def scope(self, call: ServerCall) -> AbstractAsyncContextManager[None]:
         return self._validate(call)
 
+    def request_deserializer(
+        self, deserializer: Callable[[bytes], Any] | None
+    ) -> Callable[[bytes], Any] | None:
+        if deserializer is None:
+            return None
+        parse = deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as error:  # DecodeError, or whatever hostile bytes provoke
+                # Refused in the call's scope (after authentication), not here: raising
+                # would make gRPC answer UNKNOWN before any interceptor runs.
+                return UndecodableRequest(type(error).__name__)
+
+        return tolerant
+
     @asynccontextmanager
     async def _validate(self, call: ServerCall) -> AsyncIterator[None]:
+        if isinstance(call.request, UndecodableRequest):
+            logger.debug("%s: undecodable request (%s)", call.method.full, call.request.error)
+            raise InvalidArgument(
+                "invalid request: the bytes are not a valid message of the request type"
+                " (corrupt wire format or a string that is not UTF-8)",
+                reason="INVALID_ARGUMENT",
+            )
         if isinstance(call.request, Message) and not call.method.is_infrastructure:
             violations = violations_of(self._validator.collect_violations(call.request))
             violations += [
