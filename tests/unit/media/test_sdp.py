@@ -89,6 +89,11 @@ def test_a_listen_only_offer_has_no_publish_line() -> None:
         (chrome_offer().replace("opus/48000/2", "speex/48000"), "Opus"),
         ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "no audio"),
         ("v=0\r\n" + "a=x\r\n" * 20000, "64 KiB"),
+        (chrome_offer(("recvonly",) * 65), "at most 64"),
+        (chrome_offer().replace("a=ice-ufrag:abcd\r\n", ""), "ICE credentials"),
+        (chrome_offer().replace("a=fingerprint:sha-256 00:11\r\n", ""), "fingerprint"),
+        (chrome_offer().replace("a=rtcp-mux\r\n", ""), "rtcp-mux"),
+        (chrome_offer().replace("m=audio 9 ", "m=audio nine ", 1), "does not parse"),
     ],
 )
 def test_unusable_offers_are_invalid_sdp(sdp: str, message: str) -> None:
