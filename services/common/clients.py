@@ -102,6 +102,10 @@ def retry_service_config(idempotent_methods: Sequence[str], *, max_attempts: int
             raise ValueError(f"not a method or service name: {entry!r}")
         names.append({"service": service, "method": method} if method else {"service": service})
     config: dict[str, Any] = {
+        # A target of several replicas (a multi-address target, or DNS of a headless
+        # Service) spreads calls over all of them and skips the ones that are down;
+        # gRPC's default pick_first would send everything to the first.
+        "loadBalancingConfig": [{"round_robin": {}}],
         # Stop retrying when more than a tenth of calls fail, so retries cannot turn an
         # overloaded dependency into a retry storm.
         "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},

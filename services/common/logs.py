@@ -52,6 +52,30 @@ _TEXT_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     ),
 ]
 
+# Card numbers (PANs): 13 to 19 digits, possibly grouped by spaces or dashes, not inside a
+# longer run of digits. Only Luhn-valid ones are redacted (see _redact_card_number), so
+# ordinary long numbers mostly survive. Apps send them as PurchaseTicket.payment_method, but
+# a careless client puts them in a URL (query string, path), and the gateway's access log
+# writes URLs whole.
+_CARD_NUMBER = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+
+
+def _luhn_valid(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        digit = int(char)
+        if index % 2 == 1:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def _redact_card_number(match: re.Match[str]) -> str:
+    digits = match.group(0).replace(" ", "").replace("-", "")
+    # The last four digits are what receipts show (PCI DSS allows them) and help support.
+    return f"{REDACTED}{digits[-4:]}" if _luhn_valid(digits) else match.group(0)
+
+
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime"}
@@ -63,7 +87,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         for pattern, replacement in _TEXT_PATTERNS:
             value = pattern.sub(replacement, value)
-        return value
+        return _CARD_NUMBER.sub(_redact_card_number, value)
     if isinstance(value, Mapping):
         return {
             k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) else redact(v)

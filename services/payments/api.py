@@ -54,8 +54,9 @@ class PaymentsApi(pb_grpc.PaymentsServiceServicer):
     async def GetTicketOffering(
         self, request: pb.GetTicketOfferingRequest, context: Any
     ) -> pb.GetTicketOfferingResponse:
-        current_principal()
-        offering = await self._payments.get_offering(domain.parse_offering(request.name))
+        offering = await self._payments.get_offering(
+            current_principal(), domain.parse_offering(request.name)
+        )
         return pb.GetTicketOfferingResponse(ticket_offering=offering)
 
     async def UpdateTicketOffering(

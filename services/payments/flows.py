@@ -217,7 +217,7 @@ class Payments:
         )
 
         async def run(key: uuid.UUID, resumed: bool) -> pb.TicketOffering:
-            space = await self._space_or_not_found(space_id)
+            space = await self._visible_space_or_not_found(space_id, principal)
             domain.require_host(space, principal)
             now = self._now()
             if resumed:
@@ -259,9 +259,9 @@ class Payments:
             caller, request_id, "CreateTicketOffering", fingerprint, pb.TicketOffering, run
         )
 
-    async def get_offering(self, space_id: str) -> pb.TicketOffering:
+    async def get_offering(self, principal: Principal, space_id: str) -> pb.TicketOffering:
         offering = await self._store.get_offering(space_id)
-        if offering is None:
+        if offering is None or not await self._may_see(space_id, offering.host_id, principal):
             raise domain.offering_not_found()
         space = await self._store.get_space(space_id)
         return convert.offering_pb(offering, space, self._now())
@@ -280,7 +280,7 @@ class Payments:
         """Change price, capacity or sales end of an offering still on sale (host only)."""
         offering = await self._store.get_offering(space_id)
         space = await self._store.get_space(space_id)
-        if offering is None:
+        if offering is None or not await self._may_see(space_id, offering.host_id, principal):
             raise domain.offering_not_found()
         if not principal.is_user or principal.user_id != offering.host_id:
             raise errors.PermissionDenied("only the Space's host may do this", reason="NOT_HOST")
@@ -362,6 +362,11 @@ class Payments:
         ticket = await self._store.find_ticket_by_request(buyer, key) if resumed else None
         if ticket is None:
             offering, space = await self._store.get_offering_and_space(space_id)
+            if offering is not None and not await self._may_see_as(
+                space_id, offering.host_id, buyer
+            ):
+                # Hidden from the buyer: exactly as if the Space were not ticketed.
+                raise domain.offering_not_found()
             now = self._now()
             domain.check_purchase(offering, space, buyer, price_minor, currency_code, now)
             assert offering is not None
@@ -544,7 +549,7 @@ class Payments:
         if space_segment == "-":
             owner = domain.caller_user_id(principal)
         else:
-            space = await self._space_or_not_found(space_segment)
+            space = await self._visible_space_or_not_found(space_segment, principal)
             space_id = space.id
             if not principal.is_service and principal.user_id != space.host_id:
                 owner = domain.caller_user_id(principal)
@@ -744,6 +749,8 @@ class Payments:
     ) -> TipRecord:
         """Check a tip and record it as pending, before any money moves."""
         space = await self._space_or_not_found(space_id)
+        if not await self._may_see_as(space_id, space.host_id, sender):
+            raise NotFound("no such Space", reason="SPACE_NOT_FOUND")
         if space.state is not SpaceState.LIVE:
             raise FailedPrecondition("the Space is not live", reason="SPACE_NOT_LIVE")
         if recipient == sender:
@@ -934,6 +941,24 @@ class Payments:
         if space is None:
             raise NotFound("no such Space", reason="SPACE_NOT_FOUND")
         return space
+
+    async def _visible_space_or_not_found(self, space_id: str, principal: Principal) -> SpaceFacts:
+        """The Space, if the caller may see it; else SPACE_NOT_FOUND, as if it did not exist
+        (a hidden Space answered otherwise, e.g. NOT_HOST, would give its existence away)."""
+        space = await self._space_or_not_found(space_id)
+        if not await self._may_see(space_id, space.host_id, principal):
+            raise NotFound("no such Space", reason="SPACE_NOT_FOUND")
+        return space
+
+    async def _may_see(self, space_id: str, host_id: str, principal: Principal) -> bool:
+        """Services see every Space; users as rooms decides."""
+        if not principal.is_user:
+            return True
+        return await self._may_see_as(space_id, host_id, domain.caller_user_id(principal))
+
+    async def _may_see_as(self, space_id: str, host_id: str, user_id: str) -> bool:
+        # The host always sees their Space: no need to ask rooms.
+        return user_id == host_id or await self._stage.may_see(space_id, user_id)
 
 
 def _late_settlement(ticket: TicketRecord, net: int) -> domain.JournalEntry:

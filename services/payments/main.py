@@ -92,7 +92,9 @@ async def create_app(
     issuer = ServiceTokenIssuer("payments", secret) if secret is not None else None
     if stage is None:
         if issuer is not None:
-            stage = RoomsStageDirectory(common.rooms_addr, issuer)
+            stage = RoomsStageDirectory(
+                common.rooms_addr, issuer, check_visibility=settings.visibility_check
+            )
         else:
             logger.warning("no internal secret: tips go to the host only")
             stage = StaticStageDirectory()

@@ -133,6 +133,15 @@ class PaymentsSettings(ServiceSettings):
     consume_events: bool = Field(
         default=True, description="Consume rooms' event stream. Default: true."
     )
+    visibility_check: bool = Field(
+        default=True,
+        description=(
+            "Ask rooms whether a user may see a Space before showing or selling anything of "
+            "it (offerings, tickets, tips); a hidden Space is answered NOT_FOUND. Turn off "
+            "only where no rooms runs (payments tested alone): every Space is then treated "
+            "as visible. Default: true."
+        ),
+    )
 
     # -- auth ----------------------------------------------------------------------------
     jwks_json: str | None = Field(

@@ -244,6 +244,11 @@ class Rooms:
         if link_token:
             # Consulted only when the Space is otherwise hidden: a bad link then matters.
             self._links.check(link_token, space.id, utcnow())
+            if space.is_over:
+                # "The link stops working when it expires or the Space ends"
+                # (CreateJoinLink): past the end it is as stale as an expired one, and tells
+                # its holder no more than that (they knew of the Space already).
+                raise FailedPrecondition("the join link expired", reason="JOIN_LINK_EXPIRED")
             return Seen(space, me, invited)
         raise domain.space_not_found()
 

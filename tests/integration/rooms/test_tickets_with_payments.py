@@ -50,6 +50,8 @@ async def with_payments(
             extra_env={
                 "SPACES_INTERNAL_SECRET": TEST_INTERNAL_SECRET,
                 "SPACES_IDENTITY_ADDR": f"127.0.0.1:{identity.service.port}",
+                # This rooms runs in the test process, not where payments looks for it.
+                "PAYMENTS_VISIBILITY_CHECK": "false",
             },
         )
         stack.database_url = database_url
