@@ -19,12 +19,13 @@ arrival to ``sendmmsg`` return; stock: hand-off to the track to the return of ai
 ``$BENCH_RESULTS_DIR`` (default ``bench/results``). Loopback only; it stops by itself.
 
 Loopback delivery is the listeners' kernel work, but Linux runs it in the *sender's*
-context (the softirq at the end of ``sendmmsg``), where it would be charged to the
-measured process. When this process may (root: it writes
-``/sys/class/net/lo/queues/rx-0/rps_cpus`` and restores it at the end), ``--steer`` (the
-default) keeps it out as a NIC would: the SFUs run on the first CPU, the peers on the
-others, and Receive Packet Steering hands loopback receive processing to the peers' CPUs.
-The JSON says ``receive_steered``; without it the figures include that work.
+context (the softirq at the end of ``sendmmsg``), where it is charged to the measured
+process (about 1 µs per listener-packet here). ``--steer`` (root: it writes
+``/sys/class/net/lo/queues/rx-0/rps_cpus`` and restores it at the end) keeps it out as a
+NIC would: the SFUs run on the first CPU, the peers on the others, and Receive Packet
+Steering hands loopback receive processing to the peers' CPUs. It is off by default: on
+two cores the SFU's event loop and egress thread then share one core, which costs more
+than it saves. The JSON says ``receive_steered``.
 
 ``--profile`` instead profiles the fast path at the largest listener count: cProfile of
 the Python code (egress inline), a stage timing of the egress loop on real sockets, and
@@ -1104,7 +1105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steer",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="keep loopback receive work off the measured process (see the module docs)",
     )
     return parser.parse_args(argv)

@@ -62,6 +62,8 @@ FINGERPRINT = 0x8028
 ICE_CONTROLLED = 0x8029
 ICE_CONTROLLING = 0x802A
 
+_SLACK_S = 0.05
+"""Checks due this soon are sent with the ones due now."""
 _INTEGRITY_SIZE = 24  # attribute header + HMAC-SHA1
 _FINGERPRINT_SIZE = 8
 
@@ -288,37 +290,33 @@ class ConsentChecker:
         self._due: list[tuple[float, int, ConsentTarget]] = []
         self._order = itertools.count()
         self._pending: dict[bytes, ConsentTarget] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
 
     def __len__(self) -> int:
         return sum(1 for _, _, target in self._due if target.active)
 
     def start(self) -> None:
-        """Start the timer (on the running loop)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ice consent")
+        """Start checking (on the running loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._arm()
 
     def cancel(self) -> None:
-        """Stop checking without waiting (from synchronous code)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        """Stop checking."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = None
 
     async def stop(self) -> None:
-        """Stop checking."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Stop checking (for symmetry with :meth:`start` in async code)."""
+        self.cancel()
 
     def track(self, target: ConsentTarget) -> None:
         """Check ``target``'s consent from now on (its first check after one interval)."""
         self._schedule(target)
-        self._wake.set()
+        self._arm()
 
     def untrack(self, target: ConsentTarget) -> None:
         """Stop checking ``target`` (it closed)."""
@@ -384,19 +382,32 @@ class ConsentChecker:
         target.send(request, address)
         self._schedule(target)
 
-    async def _run(self) -> None:
-        while True:
-            now = time.monotonic()
-            while self._due and self._due[0][0] <= now:
-                _, _, target = heapq.heappop(self._due)
-                if target.active:
-                    try:
-                        self._check(target)
-                    except Exception:
-                        logger.exception("consent check failed")
-            self._wake.clear()
-            timeout = self._due[0][0] - now if self._due else None
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+    def _arm(self) -> None:
+        """Have the timer fire when the earliest check is due (``loop.time()`` is
+        ``time.monotonic()``)."""
+        if self._loop is None or not self._due:
+            return
+        due = self._due[0][0]
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        # Checks due within the slack go out now too: a few wake-ups a second for
+        # thousands of sessions instead of one per check.
+        horizon = time.monotonic() + min(_SLACK_S, self.interval / 10)
+        due = []
+        while self._due and self._due[0][0] <= horizon:
+            due.append(heapq.heappop(self._due)[2])
+        # Checked after popping: a check reschedules its session, never into this round.
+        for target in due:
+            if target.active:
+                try:
+                    self._check(target)
+                except Exception:
+                    logger.exception("consent check failed")
+        self._arm()
