@@ -86,7 +86,10 @@ class Member:
         reply = await self.client.post(
             "/v1/users",
             json={
-                "user": {"handle": f"{self.name}_{uuid.uuid4().hex[:8]}", "displayName": self.name},
+                "user": {
+                    "handle": f"{self.name[:6]}_{uuid.uuid4().hex[:8]}",
+                    "displayName": self.name,
+                },
                 "password": "correct horse battery",
                 "requestId": str(uuid.uuid4()),
             },
