@@ -98,6 +98,17 @@ class MediaApi(pb_grpc.MediaServiceServicer):
 
     # -- sessions (apps) -------------------------------------------------------------
 
+    def _ice_servers(self) -> list[res.IceServer]:
+        """The node's STUN/TURN servers as apps are told them."""
+        return [
+            res.IceServer(
+                urls=list(server.urls),
+                username=server.username or "",
+                credential=server.credential or "",
+            )
+            for server in self._node.engine.config.ice_servers
+        ]
+
     async def Negotiate(self, request: pb.NegotiateRequest, context: Any) -> pb.NegotiateResponse:
         user = _user(current_principal())
         result, record = await self._node.negotiate(
@@ -106,14 +117,7 @@ class MediaApi(pb_grpc.MediaServiceServicer):
         return pb.NegotiateResponse(
             session=f"{self._node.name}/sessions/{result.session}",
             sdp_answer=result.sdp_answer,
-            ice_servers=[
-                res.IceServer(
-                    urls=list(server.urls),
-                    username=server.username or "",
-                    credential=server.credential or "",
-                )
-                for server in self._node.engine.config.ice_servers
-            ],
+            ice_servers=self._ice_servers(),
             recording=record.record,
             slot_count=result.slot_count,
             may_publish=result.may_publish,
@@ -151,14 +155,7 @@ class MediaApi(pb_grpc.MediaServiceServicer):
         answer = await self._node.engine.restart_ice(session.id, request.sdp_offer)
         return pb.RestartIceResponse(
             sdp_answer=answer,
-            ice_servers=[
-                res.IceServer(
-                    urls=list(server.urls),
-                    username=server.username or "",
-                    credential=server.credential or "",
-                )
-                for server in self._node.engine.config.ice_servers
-            ],
+            ice_servers=self._ice_servers(),
         )
 
     async def LeaveSession(

@@ -3,7 +3,9 @@ route, join a Space and negotiate a real aiortc peer with the granted media node
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,15 @@ from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
 from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
 from tests.integration.media.peers import App, SlotRecorder, Tone
+from tools.devstack import Stack
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(stack: Stack, timeout: float = 20.0) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the running stack's gateway."""
+    port = stack.services["gateway"].http_port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as http:
+        yield http
 
 
 @dataclass(frozen=True)

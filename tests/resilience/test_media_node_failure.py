@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.apps import Member
+from tests.helpers.apps import Member, gateway_client
 from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import Tone, eventually, heard_since
 from tools.devstack import Stack
@@ -45,8 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    port = stack.services["gateway"].http_port
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+    async with gateway_client(stack, timeout=20) as http:
         yield http
 
 

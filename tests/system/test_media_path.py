@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.apps import call, join_and_connect, sign_up
+from tests.helpers.apps import call, gateway_client, join_and_connect, sign_up
 from tests.helpers.ice import loopback_ice  # noqa: F401  (autouse)
 from tests.integration.media.peers import (
     App,
@@ -40,8 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    port = stack.services["gateway"].http_port
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+    async with gateway_client(stack, timeout=20) as http:
         yield http
 
 

@@ -142,6 +142,29 @@ def silent_since(app: App, since: float) -> bool:
     return all(not slot.times or slot.times[-1] <= since for slot in app.slots)
 
 
+async def _stage_and_relayed_listener(
+    stub: pb_grpc.MediaServiceStub,
+    signing_key: SigningKey,
+    apps: AppFactory,
+    relay: UdpRelay,
+    node_address: tuple[str, int],
+) -> tuple[App, str]:
+    """A speaker playing 440 Hz, and a listener behind ``relay``: the listener and its
+    session name."""
+    await join(stub, signing_key, "alice", apps("alice", Tone(440, 0.3)), publish=True)
+    listener = apps("bob")
+    session = await join(
+        stub,
+        signing_key,
+        "bob",
+        listener,
+        publish=False,
+        relay=relay,
+        node_address=node_address,
+    )
+    return listener, session
+
+
 async def test_a_listener_whose_address_changes_restarts_ice_and_hears_again(
     media: Media, signing_key: SigningKey, apps: AppFactory
 ) -> None:
@@ -154,17 +177,8 @@ async def test_a_listener_whose_address_changes_restarts_ice_and_hears_again(
             await stub.OpenSpace(
                 pb.OpenSpaceRequest(space=f"spaces/{SPACE}"), metadata=service_token()
             )
-            speaker = apps("alice", Tone(440, 0.3))
-            await join(stub, signing_key, "alice", speaker, publish=True)
-            listener = apps("bob")
-            session = await join(
-                stub,
-                signing_key,
-                "bob",
-                listener,
-                publish=False,
-                relay=relay,
-                node_address=node_address,
+            listener, session = await _stage_and_relayed_listener(
+                stub, signing_key, apps, relay, node_address
             )
             session_id = session.rsplit("/", 1)[-1]
             t0 = time.monotonic()
@@ -251,17 +265,8 @@ async def test_a_nat_rebinding_is_followed_without_a_restart(
             await stub.OpenSpace(
                 pb.OpenSpaceRequest(space=f"spaces/{SPACE}"), metadata=service_token()
             )
-            speaker = apps("alice", Tone(440, 0.3))
-            await join(stub, signing_key, "alice", speaker, publish=True)
-            listener = apps("bob")
-            session = await join(
-                stub,
-                signing_key,
-                "bob",
-                listener,
-                publish=False,
-                relay=relay,
-                node_address=node_address,
+            listener, session = await _stage_and_relayed_listener(
+                stub, signing_key, apps, relay, node_address
             )
             t0 = time.monotonic()
             assert await eventually(lambda: heard_since(listener, 440, t0), 15.0)

@@ -119,13 +119,7 @@ async def test_connection_private_state_drives_gathering_and_pairing() -> None:
 
         theirs_protocol_addresses = ["127.0.0.1"]
         await _gather_on(theirs, theirs_protocol_addresses)
-        for a, b in ((ours, theirs), (theirs, ours)):
-            a.remote_username = b.local_username
-            a.remote_password = b.local_password
-            for c in b.local_candidates:
-                await a.add_remote_candidate(c)
-            await a.add_remote_candidate(None)
-        await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
+        await _connect(ours, theirs)
 
         pair = internals.nominated_pair(ours)
         assert isinstance(pair, CandidatePair)
@@ -159,13 +153,7 @@ async def test_ice_restart_state_credentials_check_list_and_nominated_pair() -> 
         mux.attach(ours)
         await ours.gather_candidates()
         await _gather_on(theirs, ["127.0.0.1"])
-        for a, b in ((ours, theirs), (theirs, ours)):
-            a.remote_username = b.local_username
-            a.remote_password = b.local_password
-            for c in b.local_candidates:
-                await a.add_remote_candidate(c)
-            await a.add_remote_candidate(None)
-        await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
+        await _connect(ours, theirs)
         first = internals.nominated_pair(ours)
         assert first is not None and first in internals.check_list(ours)
         assert internals.check_list(ours) == ours._check_list
@@ -218,6 +206,17 @@ def test_aioice_validates_ice_credentials_as_the_mux_expects() -> None:
         aioice.ice.validate_username("a b")
     with pytest.raises(ValueError):
         aioice.ice.validate_password("short")
+
+
+async def _connect(ours: Connection, theirs: Connection) -> None:
+    """Exchange credentials and candidates of two gathered connections and connect them."""
+    for a, b in ((ours, theirs), (theirs, ours)):
+        a.remote_username = b.local_username
+        a.remote_password = b.local_password
+        for c in b.local_candidates:
+            await a.add_remote_candidate(c)
+        await a.add_remote_candidate(None)
+    await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
 
 
 async def _gather_on(connection: Connection, addresses: list[str]) -> None:
@@ -344,13 +343,7 @@ async def test_the_mux_keeps_consent_in_place_of_aioice(monkeypatch: pytest.Monk
         mux.attach(ours)
         await ours.gather_candidates()
         await _gather_on(theirs, ["127.0.0.1"])
-        for a, b in ((ours, theirs), (theirs, ours)):
-            a.remote_username = b.local_username
-            a.remote_password = b.local_password
-            for c in b.local_candidates:
-                await a.add_remote_candidate(c)
-            await a.add_remote_candidate(None)
-        await asyncio.wait_for(asyncio.gather(ours.connect(), theirs.connect()), 10)
+        await _connect(ours, theirs)
         [protocol] = [p for p in ours._protocols if isinstance(p, MuxedStunProtocol)]
         await asyncio.sleep(0.05)
         assert protocol.consent is not None, "the mux keeps this session's consent"
