@@ -77,11 +77,29 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             return [s for s in self._spans if trace_id is None or s.trace_id == trace_id]
 
     def wait_for_services(self, trace_id: str, services: set[str]) -> list[ReceivedSpan]:
-        """The spans of ``trace_id`` once every one of ``services`` has sent some."""
+        """The spans of ``trace_id`` once every one of ``services`` has sent some, every
+        backend among them its server span, and the caller's span each server span
+        points to has arrived. Each process exports on its own schedule, and a span is
+        exported when it ends: a caller's span after the server span of its call."""
         deadline = time.monotonic() + SPAN_WAIT_S
+        backends = services - {"spaces-gateway"}
         while True:
             spans = self.spans(trace_id)
-            if services <= {s.service for s in spans} or time.monotonic() > deadline:
+            # The gateway's own server span continues the app's traceparent: its parent
+            # is the app's, never exported.
+            server_spans = [
+                s
+                for s in spans
+                if s.kind == trace_pb2.Span.SPAN_KIND_SERVER and s.service != "spaces-gateway"
+            ]
+            ids = {s.span_id for s in spans}
+            if (
+                services <= {s.service for s in spans}
+                and backends <= {s.service for s in server_spans}
+                and all(s.parent_span_id in ids for s in server_spans)
+            ):
+                return spans
+            if time.monotonic() > deadline:
                 return spans
             time.sleep(0.1)
 
