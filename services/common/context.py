@@ -32,6 +32,7 @@ __all__ = [
     "deadline",
     "new_request_id",
     "optional_principal",
+    "time_left_for_wait",
     "time_remaining",
 ]
 
@@ -90,6 +91,24 @@ def time_remaining() -> float | None:
     if end is None:
         return None
     return max(0.0, end - time.monotonic())
+
+
+WAIT_MARGIN_S = 0.25
+"""What a call keeps of its deadline for its own answer when it waits on something."""
+
+
+def time_left_for_wait(margin_s: float = WAIT_MARGIN_S) -> float | None:
+    """How long the current call may wait on a dependency (a connection, another
+    service) and still answer in time itself: the time remaining less a margin (at most a
+    fifth of it). ``None`` when no deadline applies.
+
+    Waiting the whole remaining time would leave the caller DEADLINE_EXCEEDED instead of
+    the UNAVAILABLE it can retry.
+    """
+    remaining = time_remaining()
+    if remaining is None:
+        return None
+    return max(0.001, remaining - min(margin_s, remaining * 0.2))
 
 
 @contextmanager

@@ -21,9 +21,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Pool", "create_pool", "schema_identifier"]
 
-_DEADLINE_MARGIN_S = 0.25
-"""What a call keeps of its deadline for its own answer when it waits for a connection."""
-
 
 class Pool(AsyncConnectionPool[AsyncConnection[TupleRow]]):
     """A pool whose wait for a connection never outlives the current RPC's deadline.
@@ -39,10 +36,9 @@ class Pool(AsyncConnectionPool[AsyncConnection[TupleRow]]):
         self, timeout: float | None = None
     ) -> AsyncIterator[AsyncConnection[TupleRow]]:
         if timeout is None:
-            remaining = context.time_remaining()
-            if remaining is not None:
-                margin = min(_DEADLINE_MARGIN_S, remaining * 0.2)
-                timeout = max(0.001, min(self.timeout, remaining - margin))
+            left = context.time_left_for_wait()
+            if left is not None:
+                timeout = min(self.timeout, left)
         async with super().connection(timeout=timeout) as conn:
             yield conn
 

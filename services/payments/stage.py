@@ -24,6 +24,7 @@ from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
 from services.common.auth import ServiceTokenIssuer
 from services.common.clients import CallIdentity, call_as, create_channel
+from services.common.context import time_left_for_wait
 from services.common.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class RoomsStageDirectory:
             response = await self._stub.GetParticipant(
                 rooms_service_pb.GetParticipantRequest(
                     name=f"spaces/{space_id}/participants/{user_id}"
-                )
+                ),
+                # Leave time to answer UNAVAILABLE ourselves if rooms cannot answer.
+                timeout=time_left_for_wait(),
             )
         except grpc.aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.NOT_FOUND:
@@ -100,7 +103,8 @@ class RoomsStageDirectory:
         try:
             with call_as(CallIdentity.FORWARD_USER):
                 await self._stub.GetSpace(
-                    rooms_service_pb.GetSpaceRequest(name=f"spaces/{space_id}")
+                    rooms_service_pb.GetSpaceRequest(name=f"spaces/{space_id}"),
+                    timeout=time_left_for_wait(),
                 )
         except grpc.aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.NOT_FOUND:

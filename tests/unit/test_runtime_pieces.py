@@ -80,3 +80,13 @@ def test_time_remaining_and_principal() -> None:
 
     with pytest.raises(Unauthenticated):
         context.current_principal()
+
+
+def test_a_wait_keeps_a_margin_of_the_deadline_for_the_answer() -> None:
+    assert context.time_left_for_wait() is None, "no call, no deadline"
+    with context.bind_call(request_id=None, timeout=2.0):
+        left = context.time_left_for_wait()
+        assert left is not None and 1.7 < left <= 1.75, "a quarter second kept"
+    with context.bind_call(request_id=None, timeout=0.3):
+        left = context.time_left_for_wait()
+        assert left is not None and 0.2 < left <= 0.24, "a fifth kept of a short deadline"
