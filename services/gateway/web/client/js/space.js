@@ -645,6 +645,9 @@ export class SpaceView {
     const status = $("#replay-status");
     const button = $("#replay-btn");
     const audio = $("#replay-audio");
+    // The ended view can be drawn again (a late event, a refresh) while the recording is
+    // already offered or playing: keep the player as it is.
+    if (this._replayOffered === this.name) return;
     button.hidden = true;
     audio.hidden = true;
     if (audio.src) URL.revokeObjectURL(audio.src);
@@ -662,6 +665,7 @@ export class SpaceView {
       }
       const ready = recordings.find((r) => r.state === "STATE_READY");
       if (ready) {
+        this._replayOffered = this.name;
         const seconds = Math.round(parseFloat(ready.duration || "0"));
         const length = `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}`;
         status.textContent = `Recording ready (${length}).`;
