@@ -356,6 +356,9 @@ def test_ticketed_space_with_notifications_and_captions(
     fan.page.locator("#captions").wait_for(state="hidden")
 
     assert page.get_by_text("● Recording").is_visible()
+    # Live for a few seconds before it ends, so there is a recording to play (a Space
+    # ended within a second of going live left an empty one).
+    time.sleep(3.0)
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="End Space").click()
     fan.page.get_by_role("heading", name="This Space has ended").wait_for(timeout=10_000)
