@@ -46,7 +46,7 @@ proto: $(PROTO_STAMP)
 
 # The media fast path's C inner loop (cffi; needs a C compiler, links only libc).
 # After the protos: protogen rewrites build/gen.
-$(NATIVE_STAMP): $(PROTO_STAMP) services/media/native/fanout.c services/media/native/build.py
+$(NATIVE_STAMP): $(PROTO_STAMP) $(wildcard services/media/native/*.c services/media/native/*.h) services/media/native/build.py
 	@$(PY) -m services.media.native.build build/gen || echo "WARNING: no C compiler:" \
 	  "media forwards through its Python loop (slower)"
 	@touch $@

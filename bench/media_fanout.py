@@ -401,8 +401,10 @@ class FastSfu:
 
     name = "fast"
 
-    def __init__(self, threads: int, chunk: int) -> None:
-        self.engine = MediaEngine(MediaConfig(egress_threads=threads, egress_chunk=chunk))
+    def __init__(self, threads: int, chunk: int, native_srtp: bool = True) -> None:
+        self.engine = MediaEngine(
+            MediaConfig(egress_threads=threads, egress_chunk=chunk, native_srtp=native_srtp)
+        )
         self.space = "bench"
         self.counter = 0
         self.speakers: list[str] = []
@@ -724,7 +726,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # Fast path: one speaker talking at every step (the others connected but muted,
         # which media enforces at ingress); at the largest count, all of them too.
-        fast = FastSfu(args.threads, args.chunk)
+        fast = FastSfu(args.threads, args.chunk, args.native_srtp)
         await fast.start()
         await speaker_proc.connect(args.speakers, True, fast.publish)
         for speaker in fast.speakers[1:]:
@@ -1093,6 +1095,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="egress threads of the fast path (default: the engine's)",
     )
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument(
+        "--native-srtp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the fast path's own AES-GCM (default) or libsrtp for every listener",
+    )
     parser.add_argument("--listener-procs", type=int, default=2)
     parser.add_argument(
         "--batch", type=int, default=25, help="listeners connected at once per process"

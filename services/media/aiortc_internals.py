@@ -31,6 +31,7 @@ __all__ = [
     "gathering_started",
     "ice_connection",
     "intercept_srtp",
+    "srtp_tx_keying",
     "mark_gathering",
     "neutralize",
     "nominated_pair",
@@ -172,6 +173,26 @@ def srtp_sessions(
     """The inbound and outbound SRTP sessions (``_rx_srtp``, ``_tx_srtp``), set when the
     DTLS handshake completes."""
     return dtls._rx_srtp, dtls._tx_srtp
+
+
+def srtp_tx_keying(dtls: RTCDtlsTransport) -> tuple[bytes, bytes] | None:
+    """The negotiated DTLS-SRTP profile and this side's sending master key and salt
+    (concatenated), exported again from the DTLS session exactly as aiortc's
+    ``_setup_srtp`` does for ``_tx_srtp`` (``_ssl``, ``_srtp_profiles``, ``_role``);
+    ``None`` before the handshake completes."""
+    ssl = dtls._ssl
+    if ssl is None:
+        return None
+    selected = ssl.get_selected_srtp_profile()
+    for profile in dtls._srtp_profiles:
+        if profile.openssl_profile == selected:
+            break
+    else:
+        return None
+    keying = ssl.export_keying_material(
+        b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length)
+    )
+    return selected, profile.get_key_and_salt(keying, 1 if dtls._role == "server" else 0)
 
 
 def intercept_srtp(

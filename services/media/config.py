@@ -49,6 +49,9 @@ class MediaConfig:
         within this time even while the event loop runs Python; ``None`` leaves it.
     :param consent_timeout: longest time until a peer that stopped answering consent
         checks (RFC 7675) is noticed and its session closed.
+    :param native_srtp: protect listeners' RTP with the fast path's own AES-GCM code
+        (:mod:`services.media.srtp_native`) when their profile is AES-GCM and this CPU
+        can; ``False`` keeps libsrtp for everyone.
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +69,7 @@ class MediaConfig:
     rtcp_interval: float = 5.0
     switch_interval: float | None = 0.001
     consent_timeout: float = 28.0
+    native_srtp: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.slot_count <= self.max_slots:

@@ -4,18 +4,20 @@ All muxed sessions share the ICE socket of :mod:`services.media.icemux`, so one
 ``sendmmsg(2)`` call can carry a packet to hundreds of listeners. For every forwarding
 group an egress worker keeps a :class:`ShardPlan`: per listener a protect buffer, its
 ``sockaddr`` and an ``mmsghdr`` pointing at both, laid out once when the listener joins.
-Forwarding a packet to the group is then, per chunk of listeners:
+Forwarding a packet to the group is one call of the C loop (``native/fanout.c``, built by
+``make``) which, per chunk of listeners, copies the shared plaintext into every
+listener's buffer, protects it in place, and sends the chunk with one ``sendmmsg``, with
+the GIL released; then the chunk goes into the counters and the latency histogram
+(weighted by its size). Without a C compiler the same steps run in Python (numpy copies,
+``map`` over the protect function, a cffi ``sendmmsg``).
 
-1. copy the shared plaintext into every listener's buffer (one numpy assignment);
-2. ``map(srtp_protect, ...)`` over the listeners' libsrtp contexts (C calls only);
-3. copy the protected lengths into the ``iovec`` lengths (one numpy assignment);
-4. one ``sendmmsg`` (cffi; the GIL is released while the kernel works);
-5. add the chunk to the counters and the latency histogram (weighted by its size).
+A plan's listeners share one protect function: the fast path's own AES-GCM
+(:mod:`services.media.srtp_native`, for AES-GCM profiles on AES-NI CPUs) or libsrtp's
+``srtp_protect``; a worker keeps one plan per group, socket and protect function.
 
 Workers are threads (``EgressPool(threads=N)``), each owning the listeners assigned to it,
-so a listener's libsrtp context is only ever used by one thread and no lock is taken on
-the per-packet path; cffi releases the GIL inside libsrtp and the kernel, so two workers
-really do run in parallel. ``threads=0`` runs the same code inline (tests, tiny nodes).
+so a listener's SRTP context is only ever used by one thread and no lock is taken on
+the per-packet path. ``threads=0`` runs the same code inline (tests, tiny nodes).
 
 Sessions whose ICE pair is not on the mux (a TURN-relayed pair) use a
 :class:`FallbackSender`: aiortc's own protect-and-send, one queue per session.
@@ -56,6 +58,8 @@ from services.media.srtp_fastpath import (
     srtp_session_address,
     srtp_session_pointer,
 )
+from services.media.srtp_native import GCM_PROTECT_ADDRESS, GcmSender
+from services.media.srtp_native import protect_holding_gil as gcm_protect_holding_gil
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +138,23 @@ class EgressHandle:
     """How to reach one listener on the fast path: its SRTP context and its address.
 
     :param session_id: the session's id (for logs).
-    :param srtp: the session's outbound SRTP session (kept alive by the handle).
+    :param srtp: the session's outbound SRTP session (kept alive by the handle); it
+        protects the RTCP, and the RTP too unless ``gcm`` is given.
     :param fd: the mux socket's file descriptor.
     :param address: the listener's (IP, port) of the nominated ICE pair.
+    :param gcm: the fast path's own AES-GCM sender for this listener's RTP (see
+        :mod:`services.media.srtp_native`); it then protects every RTP packet the
+        listener gets, so its rollover counters and replay window stay whole.
+    :ivar protect_address: the C protect function the fan-out calls for this listener.
+    :ivar context_address: the context that function takes.
     """
 
     __slots__ = (
         "address",
+        "context_address",
         "fd",
+        "gcm",
+        "protect_address",
         "session_id",
         "sockaddr",
         "srtp",
@@ -152,12 +165,24 @@ class EgressHandle:
     )
 
     def __init__(
-        self, session_id: str, srtp: pylibsrtp.Session, fd: int, address: tuple[str, int]
+        self,
+        session_id: str,
+        srtp: pylibsrtp.Session,
+        fd: int,
+        address: tuple[str, int],
+        gcm: GcmSender | None = None,
     ) -> None:
         self.session_id = session_id
         self.srtp = srtp
         self.srtp_ptr: Any = srtp_session_pointer(srtp)
         self.srtp_address = srtp_session_address(srtp)
+        self.gcm = gcm
+        if gcm is not None:
+            self.protect_address = GCM_PROTECT_ADDRESS
+            self.context_address = gcm.address
+        else:
+            self.protect_address = SRTP_PROTECT_ADDRESS
+            self.context_address = self.srtp_address
         self.fd = fd
         self.address = address
         self.sockaddr = sockaddr_bytes(address)
@@ -188,6 +213,8 @@ class ShardPlan:
         listeners and per-call overhead).
     :param hold_gil: protect without releasing the GIL (on an egress thread; see
         :mod:`services.media.srtp_fastpath`).
+    :param protect_address: the protect function of every listener of the plan
+        (:attr:`EgressHandle.protect_address`): libsrtp's or the native AES-GCM one.
     """
 
     def __init__(
@@ -197,14 +224,21 @@ class ShardPlan:
         capacity: int = 8,
         hold_gil: bool = False,
         native: bool | None = None,
+        protect_address: int = SRTP_PROTECT_ADDRESS,
     ) -> None:
         self.fd = fd
         self.chunk = chunk
-        self.hold_gil = hold_gil
+        self.protect_address = protect_address
+        libsrtp = protect_address == SRTP_PROTECT_ADDRESS
+        # The Python loop calls the native AES-GCM protect through ctypes (addresses).
+        self.hold_gil = hold_gil or not libsrtp
         self.native = _NATIVE is not None if native is None else native
         if self.native and _NATIVE is None:
             raise RuntimeError("the native egress loop is not built")
-        self._protect: Any = srtp_protect_holding_gil if hold_gil else srtp_protect
+        if libsrtp:
+            self._protect: Any = srtp_protect_holding_gil if self.hold_gil else srtp_protect
+        else:
+            self._protect = gcm_protect_holding_gil
         self.handles: list[EgressHandle] = []
         self._index: dict[EgressHandle, int] = {}
         self._srtp_ptrs: list[Any] = []
@@ -252,7 +286,7 @@ class ShardPlan:
     def _place(self, index: int, handle: EgressHandle) -> None:
         _FFI.memmove(self._names + index * _SOCKADDR_MAX, handle.sockaddr, len(handle.sockaddr))
         self._msgs[index].msg_hdr.msg_namelen = len(handle.sockaddr)
-        self._sessions[index] = handle.srtp_address
+        self._sessions[index] = handle.context_address
 
     def add(self, handle: EgressHandle) -> None:
         """Add a listener (no-op if present)."""
@@ -262,7 +296,9 @@ class ShardPlan:
             self._allocate(self.capacity * 2)
         index = len(self.handles)
         self.handles.append(handle)
-        self._srtp_ptrs.append(handle.srtp_address if self.hold_gil else handle.srtp_ptr)
+        if handle.protect_address != self.protect_address:
+            raise ValueError("the listener's protect function is not the plan's")
+        self._srtp_ptrs.append(handle.context_address if self.hold_gil else handle.srtp_ptr)
         self._index[handle] = index
         self._place(index, handle)
         self._chunks = None
@@ -327,7 +363,7 @@ class ShardPlan:
         """The whole fan-out in one call of the C loop (the GIL is released inside)."""
         done, chunk_sent, totals = self._native_out
         chunks = _NATIVE.lib.spaces_fanout(
-            SRTP_PROTECT_ADDRESS,
+            self.protect_address,
             self.fd,
             self._sessions_address,
             self._buffers_address,
@@ -456,7 +492,8 @@ class EgressWorker:
         self.index = index
         self.chunk = chunk
         self.load = 0
-        self._plans: dict[int, dict[int, ShardPlan]] = {}
+        # group id -> (socket, protect function) -> plan
+        self._plans: dict[int, dict[tuple[int, int], ShardPlan]] = {}
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if threaded:
@@ -507,20 +544,25 @@ class EgressWorker:
 
     def _join(self, group_id: int, handle: EgressHandle) -> None:
         plans = self._plans.setdefault(group_id, {})
-        plan = plans.get(handle.fd)
+        key = (handle.fd, handle.protect_address)
+        plan = plans.get(key)
         if plan is None:
-            plan = plans[handle.fd] = ShardPlan(
-                handle.fd, self.chunk, hold_gil=self._thread is not None
+            plan = plans[key] = ShardPlan(
+                handle.fd,
+                self.chunk,
+                hold_gil=self._thread is not None,
+                protect_address=handle.protect_address,
             )
         plan.add(handle)
 
     def _leave(self, group_id: int, handle: EgressHandle) -> None:
         plans = self._plans.get(group_id, {})
-        plan = plans.get(handle.fd)
+        key = (handle.fd, handle.protect_address)
+        plan = plans.get(key)
         if plan is not None:
             plan.remove(handle)
             if not plan.handles:
-                del plans[handle.fd]
+                del plans[key]
             if not plans:
                 self._plans.pop(group_id, None)
 

@@ -29,8 +29,11 @@ from services.media.metrics import (
 )
 from services.media.peer import Layout, Peer
 from services.media.rtp import is_rtcp
+from services.media.srtp_native import GcmSender
 
 if TYPE_CHECKING:
+    from aiortc import RTCDtlsTransport
+
     from services.media.room import Room
 
 logger = logging.getLogger(__name__)
@@ -141,7 +144,9 @@ class Session:
         if protocol is not None:
             pair = internals.nominated_pair(protocol.receiver)
             assert pair is not None
-            self.egress = EgressHandle(self.id, tx, protocol.mux.fd, pair.remote_addr)
+            self.egress = EgressHandle(
+                self.id, tx, protocol.mux.fd, pair.remote_addr, gcm=self._gcm_sender(dtls)
+            )
             protocol.srtp_handler = self.on_srtp
             protocol.on_moved = self._moved
         else:
@@ -151,6 +156,16 @@ class Session:
         self.room.attach(self)
         if not self.connected.done():
             self.connected.set_result(None)
+
+    def _gcm_sender(self, dtls: RTCDtlsTransport) -> GcmSender | None:
+        """The fast path's own AES-GCM sender for this session's RTP, when configured and
+        the negotiated profile and the CPU allow it (else libsrtp protects)."""
+        if not self.room.config.native_srtp:
+            return None
+        keying = internals.srtp_tx_keying(dtls)
+        if keying is None:
+            return None
+        return GcmSender.for_profile(*keying)
 
     def _moved(self, address: tuple[str, int]) -> None:
         """The app's nominated ICE pair moved (ICE restart, NAT rebinding): forward to

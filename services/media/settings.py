@@ -104,6 +104,13 @@ class MediaSettings(ServiceSettings):
     egress_threads: int = Field(
         default=1, ge=0, le=8, description="Egress worker threads (0: inline). Default: 1."
     )
+    native_srtp: bool = Field(
+        default=True,
+        description=(
+            "Protect listeners' RTP with the fast path's own SRTP AES-GCM code (AES-NI) "
+            "instead of libsrtp, where the profile and CPU allow. Default: true."
+        ),
+    )
     heartbeat_s: float = Field(
         default=0.5,
         gt=0,
@@ -195,4 +202,5 @@ class MediaSettings(ServiceSettings):
             slot_count=self.slot_count,
             egress_threads=self.egress_threads,
             levels_interval=self.levels_interval_s,
+            native_srtp=self.native_srtp,
         )

@@ -33,6 +33,7 @@ from services.media.srtp_fastpath import (
     srtp_protect,
     srtp_session_pointer,
 )
+from services.media.srtp_native import GcmSender
 
 
 def test_the_pinned_versions_are_installed() -> None:
@@ -306,6 +307,20 @@ async def test_peer_connection_internals(
         assert dtls._ssl.get_selected_srtp_profile() == b"SRTP_AEAD_AES_256_GCM"
         pair_ = internals.nominated_pair(connection)
         assert pair_ is not None and isinstance(pair_.protocol, MuxedStunProtocol)
+
+        # The sending keys exported again (``_ssl``, ``_srtp_profiles``, ``_role``) are
+        # the ones aiortc gave ``_tx_srtp``: the fast path's own AES-GCM protects exactly
+        # as it does, and the app decrypts it.
+        keying = internals.srtp_tx_keying(dtls)
+        assert keying is not None and keying[0] == b"SRTP_AEAD_AES_256_GCM"
+        gcm = GcmSender.for_profile(*keying)
+        assert gcm is not None
+        ours = build_header(0, 96, 40, 0, 0xCAFE0002) + b"\x01" * 40
+        assert gcm.protect(ours) == tx.protect(ours)
+        app_rx, _ = internals.srtp_sessions(app_sender.receiver.transport)
+        assert app_rx is not None
+        later = build_header(0, 96, 41, 960, 0xCAFE0002) + b"\x02" * 40
+        assert app_rx.unprotect(gcm.protect(later)) == later
 
         # The app's RTP reaches the intercept, unprotected (through aioice and aiortc's
         # DTLS: the mux has no SRTP handler here); so does its RTCP (a sender report).

@@ -1,6 +1,7 @@
 """Batched egress on real loopback sockets: every listener gets the shared packet, SRTP
 protected with its own keys, through one ``sendmmsg`` per chunk. Every plan test runs
-twice: the native C loop (built by ``make``) and the Python loop it replaces."""
+twice: the native C loop (built by ``make``) and the Python loop it replaces; protection
+is libsrtp's or the fast path's own AES-GCM (``GcmSender``), and libsrtp decrypts."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from services.media.egress import (
 )
 from services.media.metrics import FORWARD_LATENCY
 from services.media.rtp import build_header
+from services.media.srtp_native import GcmSender, gcm_available
 
 GCM256 = (Policy.SRTP_PROFILE_AEAD_AES_256_GCM, 44)
 CM80 = (Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 30)
@@ -31,7 +33,9 @@ CM80 = (Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 30)
 class Listener:
     """A UDP socket and the SRTP session that decrypts what media sends it."""
 
-    def __init__(self, profile: tuple[int, int] = GCM256, repeat_tx: bool = True) -> None:
+    def __init__(
+        self, profile: tuple[int, int] = GCM256, repeat_tx: bool = True, gcm: bool = False
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(2)
@@ -41,9 +45,10 @@ class Listener:
         rx = Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=profile[0])
         self.tx = Session(tx)
         self.rx = Session(rx)
+        self.gcm = GcmSender(key[:32], key[32:]) if gcm else None
 
     def handle(self, fd: int) -> EgressHandle:
-        return EgressHandle("s", self.tx, fd, self.sock.getsockname())
+        return EgressHandle("s", self.tx, fd, self.sock.getsockname(), gcm=self.gcm)
 
     def receive(self) -> bytes:
         return self.rx.unprotect(self.sock.recv(2048))
@@ -83,12 +88,22 @@ def test_sockaddr_encoding() -> None:
     assert len(v6) == 28 and v6[2:4] == (5000).to_bytes(2, "big") and v6[23] == 1
 
 
-@pytest.mark.parametrize("profile", [GCM256, CM80], ids=["aes-gcm", "aes-cm"])
+def test_the_native_aes_gcm_is_available_here() -> None:
+    assert gcm_available(), "x86-64 with AES-NI and PCLMULQDQ runs the fast path's AES-GCM"
+
+
+@pytest.mark.parametrize(
+    ("profile", "gcm"),
+    [(GCM256, False), (GCM256, True), (CM80, False)],
+    ids=["aes-gcm-libsrtp", "aes-gcm-native", "aes-cm"],
+)
 def test_every_listener_decrypts_the_shared_packet(
-    sender: socket.socket, profile: tuple[int, int], native: bool
+    sender: socket.socket, profile: tuple[int, int], gcm: bool, native: bool
 ) -> None:
-    listeners = [Listener(profile) for _ in range(21)]
-    plan = ShardPlan(sender.fileno(), chunk=8, capacity=4, native=native)  # grows twice, 3 chunks
+    listeners = [Listener(profile, gcm=gcm) for _ in range(21)]
+    protect = listeners[0].handle(sender.fileno()).protect_address
+    # grows twice, 3 chunks
+    plan = ShardPlan(sender.fileno(), chunk=8, capacity=4, native=native, protect_address=protect)
     for listener in listeners:
         plan.add(listener.handle(sender.fileno()))
     assert len(plan) == 21 and plan.capacity == 32
@@ -134,6 +149,32 @@ def test_oversized_packets_are_dropped(sender: socket.socket, native: bool) -> N
     assert empty.fanout(b"\x80", 0.0) == (0, 0), "no listeners"
 
 
+def test_a_plan_takes_only_listeners_of_its_protect_function(sender: socket.socket) -> None:
+    plan = ShardPlan(sender.fileno(), chunk=4)
+    with pytest.raises(ValueError, match="protect function"):
+        plan.add(Listener(gcm=True).handle(sender.fileno()))
+
+
+def test_native_aes_gcm_never_protects_an_index_twice(sender: socket.socket, native: bool) -> None:
+    listener = Listener(gcm=True)
+    handle = listener.handle(sender.fileno())
+    plan = ShardPlan(
+        sender.fileno(), chunk=4, native=native, protect_address=handle.protect_address
+    )
+    plan.add(handle)
+    packet = build_header(0, 111, 1, 0, 7) + b"y" * 30
+    assert plan.fanout(packet, 0.0)[0] == 1 and listener.receive() == packet
+    failures = (
+        REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"}) or 0
+    )
+    assert plan.fanout(packet, 0.0)[0] == 0, "a repeated index would reuse a GCM nonce"
+    assert listener.received_nothing()
+    assert (
+        REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"})
+        == failures + 1
+    )
+
+
 def test_a_failed_protection_skips_only_that_listener(sender: socket.socket, native: bool) -> None:
     # Without allow_repeat_tx, libsrtp refuses to protect the same packet twice.
     first, strict, last = Listener(), Listener(repeat_tx=False), Listener()
@@ -159,7 +200,8 @@ def test_a_failed_protection_skips_only_that_listener(sender: socket.socket, nat
 @pytest.mark.parametrize("threads", [0, 2])
 async def test_the_pool_serves_groups_rtcp_and_flushes(sender: socket.socket, threads: int) -> None:
     pool = EgressPool(threads=threads, chunk=4)
-    listeners = [Listener() for _ in range(6)]
+    # Both protect functions in one group: the worker keeps a plan for each.
+    listeners = [Listener(gcm=i % 2 == 1) for i in range(6)]
     handles = [listener.handle(sender.fileno()) for listener in listeners]
     try:
         for handle in handles:
