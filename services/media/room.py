@@ -16,6 +16,8 @@ their private group, which keeps their streams continuous.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -84,6 +86,10 @@ class Room:
         self._fallbacks: dict[int, dict[str, FallbackSender]] = {}
         self._publishers: dict[str, Publisher] = {}
         self._last_reselect = 0.0
+        # (when, tie-breaker, session): the next RTCP report of each live session, so a
+        # round touches only the sessions that are due (not a thousand each 0.1 s).
+        self._rtcp_due: list[tuple[float, int, Session]] = []
+        self._rtcp_order = itertools.count()
         self.closed = False
         self.tap: Callable[[str, int, bytes, float], None] | None = None
         """Gets ``(participant, rtp_timestamp, opus_payload, received)`` of every packet
@@ -156,6 +162,7 @@ class Room:
         if session.publisher is not None:
             self._publishers[session.id] = session.publisher
         session.next_rtcp = time.perf_counter() + self.config.rtcp_interval * self._rng.random()
+        heapq.heappush(self._rtcp_due, (session.next_rtcp, next(self._rtcp_order), session))
         self._count_peers()
         self.reselect(time.perf_counter())
         self._retarget()
@@ -374,10 +381,17 @@ class Room:
     def send_reports(self, now: float) -> None:
         """Send the RTCP reports that are due."""
         interval = self.config.rtcp_interval
-        for session in list(self.live.values()):
-            if session.state is not SessionState.CONNECTED or now < session.next_rtcp:
-                continue
+        due = self._rtcp_due
+        while due and due[0][0] <= now:
+            when, _, session = heapq.heappop(due)
+            if (
+                session.state is not SessionState.CONNECTED
+                or self.live.get(session.participant) is not session
+                or when != session.next_rtcp
+            ):
+                continue  # gone, replaced, or rescheduled since
             session.next_rtcp = now + interval * (0.5 + self._rng.random())
+            heapq.heappush(due, (session.next_rtcp, next(self._rtcp_order), session))
             lanes = session.group.lanes[: len(session.layout.slots)] if session.group else []
             stats = session.publisher.stats if session.publisher is not None else None
             report = compound_report(
