@@ -11,7 +11,9 @@ an Ogg container. The event loop only appends to a deque; the codec work runs on
 
 Frames are written half a second behind real time, so late packets of a speaker still land
 in their frame; silence between speakers is encoded as silence, so the file's duration is
-the Space's.
+the Space's. A recording that ends before its first frame was written (a Space closed within
+half a second of recording) still becomes a playable file, of 0 s: see
+:func:`~services.media.ogg.empty_ogg_opus`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from services.media.ogg import empty_ogg_opus
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +192,12 @@ class SpaceRecorder:
 
     def _finish(self) -> None:
         assert self._container is not None and self._stream is not None
+        if self._next_frame == 0:
+            # No frame at all: FFmpeg would leave no file (its Ogg muxer writes the header
+            # with the first packet), and a header-only file does not open in players.
+            self._close_quietly()
+            self.path.write_bytes(empty_ogg_opus(channels=1, input_rate=RATE))
+            return
         for packet in self._stream.encode(None):
             self._container.mux(packet)
         self._container.close()

@@ -103,6 +103,23 @@ class Person:
         return power
 
 
+def wait_until(page: Any, expression: str, timeout_s: float = 10.0) -> Any:
+    """Poll a JavaScript expression (awaited when it is a promise) until it is truthy.
+
+    Not ``page.wait_for_function``: it runs a string predicate through the page's own
+    ``eval``, which the client's CSP (``script-src 'self'``, no ``'unsafe-eval'``) may
+    refuse (a run failed with "EvalError ... violates the following Content Security
+    Policy directive"). ``page.evaluate`` goes through DevTools, which CSP does not govern.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {expression}"
+        time.sleep(0.1)
+
+
 def _person(
     browser: Any, name: str, shots: Path, step: list[int], pages: dict[str, object]
 ) -> Person:
@@ -171,9 +188,10 @@ def test_host_and_two_listeners_talk_in_a_space(
     # fresh grant reaches his page, which connects a new session and keeps listening.
     before = bob.page.evaluate("window.spacesClient.stats()")["session"]
     _request_reconnect(suite, bob.page.evaluate("window.spacesClient.space.me.name"))
-    bob.page.wait_for_function(
+    wait_until(
+        bob.page,
         f"window.spacesClient.stats().then(s => s.session && s.session !== {before!r})",
-        timeout=15_000,
+        timeout_s=15.0,
     )
     bob.page.get_by_text("Audio connected").wait_for(timeout=15_000)
     bob.wait_until_hearing()
@@ -335,6 +353,20 @@ def test_ticketed_space_with_notifications_and_captions(
     page.locator("#space-live").wait_for(state="visible", timeout=10_000)
     fan.page.locator("#space-live").wait_for(state="visible", timeout=20_000)
     fan.page.get_by_text("Audio connected").wait_for(timeout=15_000)
+    page.get_by_text("Audio connected").wait_for(timeout=15_000)
+
+    # The host goes live muted (as in every Space) and the fan hears nothing; once the
+    # host unmutes, the ticket holder hears the host.
+    fan.wait_until_silent()
+    muted = page.evaluate("window.spacesClient.stats()")["outbound"]
+    assert not muted or muted["packetsSent"] == 0, "muted: no packets, not silence"
+    page.get_by_role("button", name="Unmute your microphone").click()
+    page.get_by_role("button", name="Mute your microphone").wait_for()
+    fan.wait_until_hearing()
+    sent = page.evaluate("window.spacesClient.stats()")["outbound"]
+    assert sent and sent["packetsSent"] > 0, f"the host sends no audio: {sent}"
+    fan.shot("hears-host")
+
     captions = fan.page.get_by_role("button", name="Turn captions on")
     assert captions.is_disabled()  # nothing transcribed yet
 
@@ -343,7 +375,7 @@ def test_ticketed_space_with_notifications_and_captions(
     speaker = page.evaluate("window.spacesClient.space.me.name")
     _post_caption(suite, space, speaker, "seg-1", "before anyone turned captions on")
     captions.wait_for(state="visible")
-    fan.page.wait_for_function("!document.querySelector('#captions-btn').disabled", timeout=10_000)
+    wait_until(fan.page, "!document.querySelector('#captions-btn').disabled")
     captions.click()
     fan.page.get_by_role("button", name="Turn captions off").wait_for()
     _post_caption(suite, space, speaker, "seg-2", "welcome to the late night talk")
@@ -368,10 +400,10 @@ def test_ticketed_space_with_notifications_and_captions(
     page.get_by_role("button", name="Play the recording").click(timeout=30_000)
     replay = page.locator("#replay-audio")
     replay.wait_for()
-    page.wait_for_function(
+    wait_until(
+        page,
         "(() => { const a = document.querySelector('#replay-audio');"
         " return a.readyState >= 1 && a.duration > 0 && !a.error; })()",
-        timeout=10_000,
     )
     host.shot("replay")
     for person in (host, fan):

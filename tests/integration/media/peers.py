@@ -160,15 +160,23 @@ class App:
         self.session = ""
         self.recorder: SlotRecorder | None = None
 
+    async def offer(self) -> str:
+        """Make the app's offer (now its local description): the SDP to send media."""
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def accept(self, sdp_answer: str) -> None:
+        """Take media's answer and start recording what arrives in the slots."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp_answer, "answer"))
+        self.recorder = SlotRecorder([t.receiver.track for t in self.slot_transceivers])
+
     async def join(self, engine: MediaEngine, space: str, may_publish: bool) -> App:
         """Negotiate with the engine and wait until media forwards to/from the app."""
-        await self.pc.setLocalDescription(await self.pc.createOffer())
         result = await engine.negotiate(
-            space, self.name, self.pc.localDescription.sdp, may_publish=may_publish
+            space, self.name, await self.offer(), may_publish=may_publish
         )
         self.session = result.session
-        await self.pc.setRemoteDescription(RTCSessionDescription(result.sdp_answer, "answer"))
-        self.recorder = SlotRecorder([t.receiver.track for t in self.slot_transceivers])
+        await self.accept(result.sdp_answer)
         await engine.wait_connected(result.session, timeout=20)
         return self
 

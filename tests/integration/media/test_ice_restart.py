@@ -13,22 +13,15 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
 import pytest
-from aiortc import RTCSessionDescription
-from pydantic import SecretStr
 from spaces.media.v1 import media_service_pb2 as pb
 from spaces.media.v1 import media_service_pb2_grpc as pb_grpc
 
-from services.common.auth import ServiceTokenIssuer, StaticJwksSource
-from services.common.grants import MediaGrantSettings, MediaGrantSigner
-from services.common.server import Service
-from services.common.settings import CommonSettings
-from services.media.main import MediaRuntime, build_service
 from services.media.session import Session
-from services.media.settings import MediaSettings
 from tests.helpers.ice_restart import (
     UdpRelay,
     app_ice_connection,
@@ -36,51 +29,35 @@ from tests.helpers.ice_restart import (
     restart_offer,
     route_via,
 )
-from tests.helpers.servers import bearer, plain_channel
-from tests.helpers.tokens import TEST_INTERNAL_SECRET, SigningKey, jwks
+from tests.helpers.servers import bearer
+from tests.helpers.tokens import SigningKey
 from tests.integration.identity.harness import reason
-from tests.integration.media.conftest import AppFactory
-from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard_since
+from tests.integration.media.conftest import (
+    AppFactory,
+    MediaFactory,
+    MediaProcess,
+    join,
+    media_stub,
+    open_space,
+)
+from tests.integration.media.peers import App, Tone, eventually, heard_since
 
-GRANT_SECRET = "media-grant-secret-for-tests-0123456789abcdef"
 NODE = "media-r"
 SPACE = "s-restart"
 
 
 @dataclass
-class Media:
-    """A started media process and a way to see its node."""
+class Media(MediaProcess):
+    """A started media process and the session states its node reported."""
 
-    service: Service
-    runtime: MediaRuntime
     states: list[tuple[str, bool]]
 
 
 @pytest.fixture
-async def media(redis_url: str, signing_key: SigningKey) -> AsyncIterator[Media]:
-    service, runtime = build_service(
-        MediaSettings(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            metrics_port=None,
-            node_id=NODE,
-            ice_port=0,
-            heartbeat_s=0.3,
-            shutdown_grace_s=0.5,
-            drain_grace_s=0.5,
-        ),
-        CommonSettings(
-            redis_url=redis_url,
-            internal_secret=SecretStr(TEST_INTERNAL_SECRET),
-            rooms_addr="127.0.0.1:1",
-            payments_addr="127.0.0.1:1",
-        ),
-        MediaGrantSettings(secret=SecretStr(GRANT_SECRET)),
-        jwks=StaticJwksSource(jwks(signing_key)),
-    )
-    await service.start()
+async def media(start_media: MediaFactory) -> Media:
+    process = await start_media(NODE)
     states: list[tuple[str, bool]] = []
-    engine = runtime.node.engine
+    engine = process.runtime.node.engine
     report = engine.on_session_state
 
     def record(session: Session, connected: bool) -> None:
@@ -89,52 +66,7 @@ async def media(redis_url: str, signing_key: SigningKey) -> AsyncIterator[Media]
             report(session, connected)
 
     engine.on_session_state = record
-    try:
-        yield Media(service, runtime, states)
-    finally:
-        await service.stop(grace=0)
-
-
-def service_token() -> tuple[tuple[str, str], ...]:
-    return bearer(ServiceTokenIssuer("rooms", TEST_INTERNAL_SECRET).token())
-
-
-async def join(
-    stub: pb_grpc.MediaServiceStub,
-    signing_key: SigningKey,
-    user: str,
-    app: App,
-    *,
-    publish: bool,
-    relay: UdpRelay | None = None,
-    node_address: tuple[str, int] | None = None,
-) -> str:
-    """Place the user, sign their grant and negotiate (through the relay, if any)."""
-    placed = await stub.PlaceParticipant(
-        pb.PlaceParticipantRequest(
-            participant=f"spaces/{SPACE}/participants/{user}", may_publish=publish
-        ),
-        metadata=service_token(),
-    )
-    token, _ = MediaGrantSigner(GRANT_SECRET).sign(
-        space_id=SPACE,
-        user_id=user,
-        role="speaker" if publish else "listener",
-        may_publish=publish,
-        node=placed.node.removeprefix("mediaNodes/"),
-    )
-    await app.pc.setLocalDescription(await app.pc.createOffer())
-    answer = await stub.Negotiate(
-        pb.NegotiateRequest(node=placed.node, grant=token, sdp_offer=app.pc.localDescription.sdp),
-        metadata=bearer(signing_key.mint(user)),
-    )
-    sdp = answer.sdp_answer
-    if relay is not None:
-        assert node_address is not None
-        sdp = route_via(sdp, node_address, relay.address)
-    await app.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
-    app.recorder = SlotRecorder([t.receiver.track for t in app.slot_transceivers])
-    return answer.session
+    return Media(process.service, process.runtime, states)
 
 
 def silent_since(app: App, since: float) -> bool:
@@ -142,27 +74,33 @@ def silent_since(app: App, since: float) -> bool:
     return all(not slot.times or slot.times[-1] <= since for slot in app.slots)
 
 
-async def _stage_and_relayed_listener(
-    stub: pb_grpc.MediaServiceStub,
-    signing_key: SigningKey,
-    apps: AppFactory,
-    relay: UdpRelay,
-    node_address: tuple[str, int],
-) -> tuple[App, str]:
-    """A speaker playing 440 Hz, and a listener behind ``relay``: the listener and its
-    session name."""
-    await join(stub, signing_key, "alice", apps("alice", Tone(440, 0.3)), publish=True)
-    listener = apps("bob")
-    session = await join(
-        stub,
-        signing_key,
-        "bob",
-        listener,
-        publish=False,
-        relay=relay,
-        node_address=node_address,
-    )
-    return listener, session
+@asynccontextmanager
+async def relayed_listener(
+    media: Media, signing_key: SigningKey, apps: AppFactory
+) -> AsyncIterator[tuple[pb_grpc.MediaServiceAsyncStub, UdpRelay, App, str]]:
+    """The Space open, a speaker playing 440 Hz, and a listener behind a relay (a NAT):
+    media's client, the relay, the listener and its session's name."""
+    node_address = media.runtime.node.engine.address
+    relay = UdpRelay(node_address)
+    try:
+        async with media_stub(media.service.port) as stub:
+            await open_space(stub, SPACE)
+            await join(
+                stub, signing_key, SPACE, "alice", apps("alice", Tone(440, 0.3)), publish=True
+            )
+            listener = apps("bob")
+            session = await join(
+                stub,
+                signing_key,
+                SPACE,
+                "bob",
+                listener,
+                publish=False,
+                rewrite=lambda sdp: route_via(sdp, node_address, relay.address),
+            )
+            yield stub, relay, listener, session
+    finally:
+        relay.close()
 
 
 async def test_a_listener_whose_address_changes_restarts_ice_and_hears_again(
@@ -170,72 +108,61 @@ async def test_a_listener_whose_address_changes_restarts_ice_and_hears_again(
 ) -> None:
     node = media.runtime.node
     node_address = node.engine.address
-    relay = UdpRelay(node_address)
-    try:
-        async with plain_channel(media.service.port) as channel:
-            stub = pb_grpc.MediaServiceStub(channel)
-            await stub.OpenSpace(
-                pb.OpenSpaceRequest(space=f"spaces/{SPACE}"), metadata=service_token()
-            )
-            listener, session = await _stage_and_relayed_listener(
-                stub, signing_key, apps, relay, node_address
-            )
-            session_id = session.rsplit("/", 1)[-1]
-            t0 = time.monotonic()
-            assert await eventually(lambda: heard_since(listener, 440, t0), 15.0)
-            before = node.engine.session(session_id)
-            assert before is not None and before.egress is not None
-            assert before.egress.address == relay.source, "media sends to the relay's port"
-            first_ufrag = app_ice_connection(listener.pc).remote_username
+    async with relayed_listener(media, signing_key, apps) as (stub, relay, listener, session):
+        session_id = session.rsplit("/", 1)[-1]
+        t0 = time.monotonic()
+        assert await eventually(lambda: heard_since(listener, 440, t0), 15.0)
+        before = node.engine.session(session_id)
+        assert before is not None and before.egress is not None
+        assert before.egress.address == relay.source, "media sends to the relay's port"
+        first_ufrag = app_ice_connection(listener.pc).remote_username
 
-            # The listener's address changes: media's packets to the old port are lost.
-            old_source = relay.source
-            new_source = relay.rebind()
-            changed = time.monotonic()
-            assert await eventually(lambda: silent_since(listener, changed + 0.3), 5.0)
-            await asyncio.sleep(0.5)
-            assert silent_since(listener, changed + 0.5), "the listener hears nothing"
+        # The listener's address changes: media's packets to the old port are lost.
+        old_source = relay.source
+        new_source = relay.rebind()
+        changed = time.monotonic()
+        assert await eventually(lambda: silent_since(listener, changed + 0.3), 5.0)
+        await asyncio.sleep(0.5)
+        assert silent_since(listener, changed + 0.5), "the listener hears nothing"
 
-            # The app notices and restarts ICE with new credentials, keeping its session.
-            offer = restart_offer(listener.pc)
-            restarted = time.monotonic()
-            reply = await stub.RestartIce(
-                pb.RestartIceRequest(session=session, sdp_offer=offer),
-                metadata=bearer(signing_key.mint("bob")),
-            )
-            answer = reply.sdp_answer
-            ufrag = re.search(r"(?m)^a=ice-ufrag:(\S+)", answer)
-            assert ufrag and ufrag.group(1) != first_ufrag, "media has new credentials"
-            fingerprints = set(re.findall(r"(?m)^a=fingerprint:.*$", answer))
-            assert fingerprints and fingerprints <= set(
-                re.findall(r"(?m)^a=fingerprint:.*$", node_answer_of(before))
-            ), "same DTLS fingerprint"
-            await apply_restart_answer(listener.pc, route_via(answer, node_address, relay.address))
-            assert await eventually(lambda: heard_since(listener, 440, restarted), 10.0)
-            heard = time.monotonic()
-            print(
-                f"audio again {heard - changed:.2f} s after the address change, "
-                f"{heard - restarted:.2f} s after RestartIce"
-            )
+        # The app notices and restarts ICE with new credentials, keeping its session.
+        offer = restart_offer(listener.pc)
+        restarted = time.monotonic()
+        reply = await stub.RestartIce(
+            pb.RestartIceRequest(session=session, sdp_offer=offer),
+            metadata=bearer(signing_key.mint("bob")),
+        )
+        answer = reply.sdp_answer
+        ufrag = re.search(r"(?m)^a=ice-ufrag:(\S+)", answer)
+        assert ufrag and ufrag.group(1) != first_ufrag, "media has new credentials"
+        fingerprints = set(re.findall(r"(?m)^a=fingerprint:.*$", answer))
+        assert fingerprints and fingerprints <= set(
+            re.findall(r"(?m)^a=fingerprint:.*$", node_answer_of(before))
+        ), "same DTLS fingerprint"
+        await apply_restart_answer(listener.pc, route_via(answer, node_address, relay.address))
+        assert await eventually(lambda: heard_since(listener, 440, restarted), 10.0)
+        heard = time.monotonic()
+        print(
+            f"audio again {heard - changed:.2f} s after the address change, "
+            f"{heard - restarted:.2f} s after RestartIce"
+        )
 
-            # Consent checks both ways pass with the new credentials: audio keeps coming.
-            await asyncio.sleep(5.0)
-            assert heard_since(listener, 440, time.monotonic() - 1.0), "still hearing"
+        # Consent checks both ways pass with the new credentials: audio keeps coming.
+        await asyncio.sleep(5.0)
+        assert heard_since(listener, 440, time.monotonic() - 1.0), "still hearing"
 
-            # Same session, forwarding to the new port only; it never left the Space.
-            after = node.engine.session(session_id)
-            assert after is before and after.egress is not None
-            assert after.egress.address == new_source != old_source
-            protocol = after.peer.muxed_protocol()
-            assert protocol is not None and protocol.addresses == {new_source}
-            assert node.engine.participant_sessions(SPACE, "bob") == 1
-            assert (session_id, False) not in media.states, "the session never closed"
-            assert listener.pc.connectionState == "connected"
+        # Same session, forwarding to the new port only; it never left the Space.
+        after = node.engine.session(session_id)
+        assert after is before and after.egress is not None
+        assert after.egress.address == new_source != old_source
+        protocol = after.peer.muxed_protocol()
+        assert protocol is not None and protocol.addresses == {new_source}
+        assert node.engine.participant_sessions(SPACE, "bob") == 1
+        assert (session_id, False) not in media.states, "the session never closed"
+        assert listener.pc.connectionState == "connected"
 
-            # No new grant was needed: Negotiate was called once per participant.
-            assert [s.participant for s in node.engine.sessions()].count("bob") == 1
-    finally:
-        relay.close()
+        # No new grant was needed: Negotiate was called once per participant.
+        assert [s.participant for s in node.engine.sessions()].count("bob") == 1
 
 
 def renamed(offer: str) -> str:
@@ -257,30 +184,18 @@ async def test_a_nat_rebinding_is_followed_without_a_restart(
     """The app's packets come from a new port with the same credentials: once the old
     port stops answering consent checks, media follows the new one by itself."""
     node = media.runtime.node
-    node_address = node.engine.address
-    relay = UdpRelay(node_address)
-    try:
-        async with plain_channel(media.service.port) as channel:
-            stub = pb_grpc.MediaServiceStub(channel)
-            await stub.OpenSpace(
-                pb.OpenSpaceRequest(space=f"spaces/{SPACE}"), metadata=service_token()
-            )
-            listener, session = await _stage_and_relayed_listener(
-                stub, signing_key, apps, relay, node_address
-            )
-            t0 = time.monotonic()
-            assert await eventually(lambda: heard_since(listener, 440, t0), 15.0)
-            new_source = relay.rebind()
-            changed = time.monotonic()
-            # The app's consent checks (every few seconds) reach media from the new port;
-            # media's own check of the old port then fails, and it moves.
-            assert await eventually(lambda: heard_since(listener, 440, changed + 0.5), 20.0)
-            print(f"NAT rebinding followed: audio again {time.monotonic() - changed:.2f} s later")
-            after = node.engine.session(session.rsplit("/", 1)[-1])
-            assert after is not None and after.egress is not None
-            assert after.egress.address == new_source
-    finally:
-        relay.close()
+    async with relayed_listener(media, signing_key, apps) as (_, relay, listener, session):
+        t0 = time.monotonic()
+        assert await eventually(lambda: heard_since(listener, 440, t0), 15.0)
+        new_source = relay.rebind()
+        changed = time.monotonic()
+        # The app's consent checks (every few seconds) reach media from the new port;
+        # media's own check of the old port then fails, and it moves.
+        assert await eventually(lambda: heard_since(listener, 440, changed + 0.5), 20.0)
+        print(f"NAT rebinding followed: audio again {time.monotonic() - changed:.2f} s later")
+        after = node.engine.session(session.rsplit("/", 1)[-1])
+        assert after is not None and after.egress is not None
+        assert after.egress.address == new_source
 
 
 async def test_a_restart_on_the_same_address_keeps_audio_flowing(
@@ -290,13 +205,12 @@ async def test_a_restart_on_the_same_address_keeps_audio_flowing(
     short 'disconnected') keeps hearing throughout: media keeps its nominated pair until
     the app nominates one with the new credentials."""
     node = media.runtime.node
-    async with plain_channel(media.service.port) as channel:
-        stub = pb_grpc.MediaServiceStub(channel)
-        await stub.OpenSpace(pb.OpenSpaceRequest(space=f"spaces/{SPACE}"), metadata=service_token())
+    async with media_stub(media.service.port) as stub:
+        await open_space(stub, SPACE)
         speaker = apps("alice", Tone(440, 0.3))
-        await join(stub, signing_key, "alice", speaker, publish=True)
+        await join(stub, signing_key, SPACE, "alice", speaker, publish=True)
         listener = apps("bob")
-        session = await join(stub, signing_key, "bob", listener, publish=False)
+        session = await join(stub, signing_key, SPACE, "bob", listener, publish=False)
         t0 = time.monotonic()
         assert await eventually(lambda: heard_since(listener, 440, t0), 15.0)
         live = node.engine.session(session.rsplit("/", 1)[-1])
@@ -320,11 +234,10 @@ async def test_a_restart_on_the_same_address_keeps_audio_flowing(
 async def test_restart_ice_refuses_strangers_unknown_sessions_and_changed_m_lines(
     media: Media, signing_key: SigningKey, apps: AppFactory
 ) -> None:
-    async with plain_channel(media.service.port) as channel:
-        stub = pb_grpc.MediaServiceStub(channel)
-        await stub.OpenSpace(pb.OpenSpaceRequest(space=f"spaces/{SPACE}"), metadata=service_token())
+    async with media_stub(media.service.port) as stub:
+        await open_space(stub, SPACE)
         listener = apps("bob")
-        session = await join(stub, signing_key, "bob", listener, publish=False)
+        session = await join(stub, signing_key, SPACE, "bob", listener, publish=False)
         offer = restart_offer(listener.pc)
 
         async def refused(name: str, sdp: str, user: str) -> grpc.aio.AioRpcError:

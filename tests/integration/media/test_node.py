@@ -16,12 +16,12 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 import pytest
 import redis.asyncio
-from aiortc import RTCSessionDescription
 from spaces.media.v1 import media_events_pb2 as media_events
 from spaces.media.v1 import media_resources_pb2 as media_res
 
@@ -31,17 +31,16 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.grants import MediaGrantSigner, MediaGrantVerifier
+from services.common.grants import MediaGrantVerifier
 from services.media.captions import CaptionSegmentData
 from services.media.config import MediaConfig
 from services.media.engine import MediaEngine
 from services.media.levels import SpeakerLevel
 from services.media.node import MediaNode, NodeOptions, PeerChange
 from services.media.registry import NodeRegistry, ParticipantPermissions
-from tests.integration.media.conftest import AppFactory
-from tests.integration.media.peers import App, SlotRecorder, Speech, Tone, eventually, heard
+from tests.integration.media.conftest import GRANT_SECRET, AppFactory, media_grant
+from tests.integration.media.peers import App, Speech, Tone, eventually, heard
 
-SECRET = "media-grant-secret-for-tests-0123456789abcdef"
 SPACE = "space-1"
 SILENCE_RMS = 50.0
 
@@ -111,7 +110,7 @@ async def fleet(
             node = MediaNode(
                 MediaEngine(MediaConfig(rtcp_interval=0.5, levels_interval=0.1)),
                 NodeRegistry(redis_client, node_ttl_s=1.5),
-                MediaGrantVerifier(SECRET),
+                MediaGrantVerifier(GRANT_SECRET),
                 rooms,
                 NodeOptions(
                     node_id=node_id,
@@ -139,26 +138,17 @@ async def fleet(
         yield launch
 
 
-def grant(user: str, node: str, *, space: str = SPACE, publish: bool = False, **kw: object) -> str:
-    token, _ = MediaGrantSigner(SECRET).sign(
-        space_id=space,
-        user_id=user,
-        role="speaker" if publish else "listener",
-        may_publish=publish,
-        node=node,
-        **kw,  # type: ignore[arg-type]
-    )
-    return token
+def grant(user: str, node: str, **options: Any) -> str:
+    """A grant for ``user`` in SPACE on ``node`` (options as :func:`media_grant` takes)."""
+    return media_grant(SPACE, user, node, **options)
 
 
 async def connect(node: MediaNode, app: App, user: str, *, publish: bool = False) -> str:
     """Negotiate ``app`` with ``node`` the way an app does, with a fresh grant."""
-    await app.pc.setLocalDescription(await app.pc.createOffer())
-    negotiation, _ = await node.negotiate(
-        user, node.name, grant(user, node.node_id, publish=publish), app.pc.localDescription.sdp
-    )
-    await app.pc.setRemoteDescription(RTCSessionDescription(negotiation.sdp_answer, "answer"))
-    app.recorder = SlotRecorder([t.receiver.track for t in app.slot_transceivers])
+    offer = await app.offer()
+    token = grant(user, node.node_id, publish=publish)
+    negotiation, _ = await node.negotiate(user, node.name, token, offer)
+    await app.accept(negotiation.sdp_answer)
     await node.engine.wait_connected(negotiation.session, timeout=20)
     return negotiation.session
 
@@ -212,8 +202,7 @@ async def test_grants_are_checked_for_user_node_expiry_reuse_and_ended_spaces(
     a, b = await fleet("media-a"), await fleet("media-b")
     await a.open_space(SPACE, record=False)
     app = apps("alice")
-    await app.pc.setLocalDescription(await app.pc.createOffer())
-    offer = app.pc.localDescription.sdp
+    offer = await app.offer()
 
     async def refused(node: MediaNode, user: str, token: str) -> str:
         with pytest.raises((PermissionDenied, FailedPrecondition)) as error:
@@ -228,9 +217,7 @@ async def test_grants_are_checked_for_user_node_expiry_reuse_and_ended_spaces(
     old = datetime.now().astimezone() - timedelta(minutes=10)
     assert await refused(a, "alice", grant("alice", "media-a", now=old)) == "GRANT_EXPIRED"
     assert await refused(a, "alice", "not-a-grant") == "GRANT_INVALID"
-    other_key = MediaGrantSigner("another-secret-another-secret-0123456789").sign(
-        space_id=SPACE, user_id="alice", role="listener", may_publish=False, node="media-a"
-    )[0]
+    other_key = grant("alice", "media-a", secret="another-secret-another-secret-0123456789")
     assert await refused(a, "alice", other_key) == "GRANT_INVALID"
 
     token = grant("alice", "media-a")
@@ -443,10 +430,7 @@ async def test_a_crowd_negotiating_at_once_is_told_to_retry_and_keeps_its_grants
     node = await fleet("media-a", negotiations=2)
     await node.open_space(SPACE, record=False)
     crowd = [apps(f"u{i}") for i in range(6)]
-    offers = []
-    for app in crowd:
-        await app.pc.setLocalDescription(await app.pc.createOffer())
-        offers.append(app.pc.localDescription.sdp)
+    offers = [await app.offer() for app in crowd]
     grants = [grant(f"u{i}", "media-a") for i in range(6)]
     results = await asyncio.gather(
         *(node.negotiate(f"u{i}", node.name, grants[i], offers[i]) for i in range(6)),

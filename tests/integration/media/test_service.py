@@ -3,75 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
+import av
 import grpc
+import httpx
 import pytest
-from aiortc import RTCSessionDescription
-from pydantic import SecretStr
+from spaces.media.v1 import media_resources_pb2 as media_res
 from spaces.media.v1 import media_service_pb2 as pb
 from spaces.media.v1 import media_service_pb2_grpc as pb_grpc
+from spaces.rooms.v1 import rooms_resources_pb2 as rooms_res
+from spaces.rooms.v1 import rooms_service_pb2 as rooms_pb
+from spaces.rooms.v1 import rooms_service_pb2_grpc as rooms_grpc
 
-from services.common.auth import ServiceTokenIssuer, StaticJwksSource
-from services.common.grants import MediaGrantSettings, MediaGrantSigner
+from services.common.auth import StaticJwksSource, TokenVerifier
+from services.common.grants import MediaGrantSigner
 from services.common.server import Service
-from services.common.settings import CommonSettings
-from services.media.main import build_service
-from services.media.settings import MediaSettings
+from services.gateway.app import GatewayConfig, create_app
+from services.gateway.clients import ClientIdentifier
+from services.gateway.descriptors import load_api
+from services.gateway.ratelimit import MemoryRateLimiter, RateLimitGate
+from services.gateway.transcoder.backend import Backend, BackendRouter
 from tests.helpers.servers import bearer, plain_channel
-from tests.helpers.tokens import TEST_INTERNAL_SECRET, SigningKey, jwks
-from tests.integration.media.conftest import AppFactory
-from tests.integration.media.peers import App, SlotRecorder, Tone, eventually, heard
-
-GRANT_SECRET = "media-grant-secret-for-tests-0123456789abcdef"
-
-
-def media_service(
-    redis_url: str, signing_key: SigningKey, node_id: str = "media-t", capacity: int = 2000
-) -> Service:
-    service, _ = build_service(
-        MediaSettings(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            metrics_port=None,
-            node_id=node_id,
-            ice_port=0,
-            capacity=capacity,
-            heartbeat_s=0.3,
-            shutdown_grace_s=0.5,
-            drain_grace_s=0.5,
-        ),
-        CommonSettings(
-            redis_url=redis_url,
-            internal_secret=SecretStr(TEST_INTERNAL_SECRET),
-            rooms_addr="127.0.0.1:1",
-            payments_addr="127.0.0.1:1",
-        ),
-        MediaGrantSettings(secret=SecretStr(GRANT_SECRET)),
-        jwks=StaticJwksSource(jwks(signing_key)),
-    )
-    return service
+from tests.helpers.tokens import SigningKey, jwks
+from tests.integration.gateway.conftest import SERVICES, serving
+from tests.integration.media.conftest import (
+    GRANT_SECRET,
+    AppFactory,
+    MediaFactory,
+    build_media,
+    media_stub,
+    negotiate,
+    open_space,
+    place,
+    service_token,
+)
+from tests.integration.media.peers import App, Tone, eventually, heard
 
 
 @pytest.fixture
-async def media(redis_url: str, signing_key: SigningKey) -> AsyncIterator[Service]:
-    service = media_service(redis_url, signing_key)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(grace=0)
-
-
-def service_token() -> tuple[tuple[str, str], ...]:
-    return bearer(ServiceTokenIssuer("rooms", TEST_INTERNAL_SECRET).token())
+async def media(start_media: MediaFactory) -> Service:
+    return (await start_media("media-t")).service
 
 
 async def test_every_call_needs_a_token_and_internal_ones_a_service(
     media: Service, signing_key: SigningKey
 ) -> None:
-    async with plain_channel(media.port) as channel:
-        stub = pb_grpc.MediaServiceStub(channel)
+    async with media_stub(media.port) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as anonymous:
             await stub.GetNodeStats(pb.GetNodeStatsRequest())
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -80,9 +62,7 @@ async def test_every_call_needs_a_token_and_internal_ones_a_service(
                 pb.OpenSpaceRequest(space="spaces/s1"), metadata=bearer(signing_key.mint("alice"))
             )
         assert user.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        opened = await stub.OpenSpace(
-            pb.OpenSpaceRequest(space="spaces/s1"), metadata=service_token()
-        )
+        opened = await open_space(stub, "s1")
         assert opened.origin_node == "mediaNodes/media-t"
         stats = await stub.GetNodeStats(pb.GetNodeStatsRequest(), metadata=service_token())
         assert stats.stats.node == "mediaNodes/media-t" and stats.stats.capacity == 2000
@@ -91,8 +71,7 @@ async def test_every_call_needs_a_token_and_internal_ones_a_service(
 async def test_bad_input_is_refused_with_field_violations(
     media: Service, signing_key: SigningKey
 ) -> None:
-    async with plain_channel(media.port) as channel:
-        stub = pb_grpc.MediaServiceStub(channel)
+    async with media_stub(media.port) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as bad:
             await stub.Negotiate(
                 pb.NegotiateRequest(node="Media Nodes/x", grant="", sdp_offer="hello"),
@@ -107,8 +86,7 @@ async def test_a_service_cannot_negotiate_and_a_forged_grant_is_refused(
     media: Service, signing_key: SigningKey
 ) -> None:
     offer = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
-    async with plain_channel(media.port) as channel:
-        stub = pb_grpc.MediaServiceStub(channel)
+    async with media_stub(media.port) as stub:
         request = pb.NegotiateRequest(node="mediaNodes/media-t", grant="forged", sdp_offer=offer)
         with pytest.raises(grpc.aio.AioRpcError) as service:
             await stub.Negotiate(request, metadata=service_token())
@@ -122,8 +100,7 @@ async def test_a_service_cannot_negotiate_and_a_forged_grant_is_refused(
 async def test_unknown_sessions_and_nodes_are_not_found(
     media: Service, signing_key: SigningKey
 ) -> None:
-    async with plain_channel(media.port) as channel:
-        stub = pb_grpc.MediaServiceStub(channel)
+    async with media_stub(media.port) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stub.AddIceCandidate(
                 pb.AddIceCandidateRequest(session="mediaNodes/media-t/sessions/abc", candidate=""),
@@ -143,61 +120,134 @@ async def test_unknown_sessions_and_nodes_are_not_found(
 
 
 async def test_a_relay_between_two_media_processes_delivers_to_a_listener_on_the_edge(
-    redis_url: str, signing_key: SigningKey, apps: AppFactory
+    signing_key: SigningKey, apps: AppFactory, start_media: MediaFactory
 ) -> None:
-    origin = media_service(redis_url, signing_key, "media-a", capacity=1)
-    edge = media_service(redis_url, signing_key, "media-z")
-    await origin.start()
-    await edge.start()
-    signer = MediaGrantSigner(GRANT_SECRET)
+    origin = (await start_media("media-a", capacity=1)).service
+    edge = (await start_media("media-z")).service
+    async with media_stub(origin.port) as to_origin, media_stub(edge.port) as to_edge:
+        internal = to_edge  # any node answers placement
+        opened = await open_space(internal, "s1")
+        assert opened.origin_node == "mediaNodes/media-a", "the lowest id at equal load"
+
+        async def join(user: str, app: App, publish: bool) -> str:
+            node, grant = await place(internal, "s1", user, publish=publish, role="listener")
+            stub = to_origin if node == "mediaNodes/media-a" else to_edge
+            await negotiate(stub, signing_key, user, app, node, grant)
+            return node.removeprefix("mediaNodes/")
+
+        assert await join("alice", apps("alice", Tone(440, 0.3)), True) == "media-a"
+        for _ in range(50):  # until the registry shows the origin full
+            full = await internal.GetNodeStats(
+                pb.GetNodeStatsRequest(node="mediaNodes/media-a"), metadata=service_token()
+            )
+            if full.stats.load >= 1.0:
+                break
+            await asyncio.sleep(0.1)
+        listener = apps("bob")
+        assert await join("bob", listener, False) == "media-z"
+        assert await eventually(lambda: heard(listener, 440), 15.0)
+        stats = await internal.GetNodeStats(
+            pb.GetNodeStatsRequest(node="mediaNodes/media-z"), metadata=service_token()
+        )
+        print(f"edge stats: {stats.stats.listener_count} listener(s)")
+
+
+class OpenRooms(rooms_grpc.RoomsServiceServicer):
+    """Rooms as media sees it: every Space public and not ticketed; reports taken."""
+
+    async def ReportPeerStates(
+        self, request: Any, context: Any
+    ) -> rooms_pb.ReportPeerStatesResponse:
+        return rooms_pb.ReportPeerStatesResponse()
+
+    async def GetSpace(self, request: Any, context: Any) -> rooms_pb.GetSpaceResponse:
+        return rooms_pb.GetSpaceResponse(
+            space=rooms_res.Space(name=request.name, host="users/alice", ticketed=False)
+        )
+
+
+@asynccontextmanager
+async def gateway_to(media_port: int, signing_key: SigningKey) -> AsyncIterator[httpx.AsyncClient]:
+    """The real gateway's HTTP API, with media at ``media_port`` (the rest unreachable)."""
+    router = BackendRouter(
+        {name: "127.0.0.1:1" for name in SERVICES} | {"media": f"127.0.0.1:{media_port}"}
+    )
+    verifier = TokenVerifier(StaticJwksSource(jwks(signing_key)), None)
+    gate = RateLimitGate(
+        MemoryRateLimiter(10_000, 10_000), ClientIdentifier(verifier), "test limit"
+    )
+    app = create_app(load_api(), Backend(router), gate, GatewayConfig())
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        yield client
+
+
+async def test_a_recorded_space_that_ended_before_any_audio_has_a_playable_recording(
+    redis_url: str, signing_key: SigningKey, apps: AppFactory, tmp_path: Path
+) -> None:
+    rooms = grpc.aio.server()
+    rooms_grpc.add_RoomsServiceServicer_to_server(OpenRooms(), rooms)  # type: ignore[abstract]
+    rooms_port = rooms.add_insecure_port("127.0.0.1:0")
+    await rooms.start()
+    media = build_media(
+        redis_url,
+        signing_key,
+        rooms_addr=f"127.0.0.1:{rooms_port}",
+        recordings_dir=tmp_path / "recordings",
+    ).service
+    await media.start()
     try:
-        async with plain_channel(origin.port) as to_origin, plain_channel(edge.port) as to_edge:
-            internal = pb_grpc.MediaServiceStub(to_edge)  # any node answers placement
-            opened = await internal.OpenSpace(
-                pb.OpenSpaceRequest(space="spaces/s1"), metadata=service_token()
+        async with (
+            plain_channel(media.port) as channel,
+            gateway_to(media.port, signing_key) as http,
+        ):
+            stub = pb_grpc.MediaServiceStub(channel)
+            await stub.OpenSpace(
+                pb.OpenSpaceRequest(space="spaces/s1", record=True), metadata=service_token()
             )
-            assert opened.origin_node == "mediaNodes/media-a", "the lowest id at equal load"
-
-            async def join(user: str, app: App, publish: bool) -> str:
-                placed = await internal.PlaceParticipant(
-                    pb.PlaceParticipantRequest(
-                        participant=f"spaces/s1/participants/{user}", may_publish=publish
-                    ),
-                    metadata=service_token(),
-                )
-                node = placed.node.removeprefix("mediaNodes/")
-                token, _ = signer.sign(
-                    space_id="s1", user_id=user, role="listener", may_publish=publish, node=node
-                )
-                await app.pc.setLocalDescription(await app.pc.createOffer())
-                stub = pb_grpc.MediaServiceStub(to_origin if node == "media-a" else to_edge)
-                answer = await stub.Negotiate(
-                    pb.NegotiateRequest(
-                        node=placed.node, grant=token, sdp_offer=app.pc.localDescription.sdp
-                    ),
-                    metadata=bearer(signing_key.mint(user)),
-                )
-                await app.pc.setRemoteDescription(
-                    RTCSessionDescription(answer.sdp_answer, "answer")
-                )
-                app.recorder = SlotRecorder([t.receiver.track for t in app.slot_transceivers])
-                return node
-
-            assert await join("alice", apps("alice", Tone(440, 0.3)), True) == "media-a"
-            for _ in range(50):  # until the registry shows the origin full
-                full = await internal.GetNodeStats(
-                    pb.GetNodeStatsRequest(node="mediaNodes/media-a"), metadata=service_token()
-                )
-                if full.stats.load >= 1.0:
-                    break
-                await asyncio.sleep(0.1)
+            # A listener joins (the origin starts recording) and the Space ends at once:
+            # no one spoke, and no frame of silence was due yet either.
             listener = apps("bob")
-            assert await join("bob", listener, False) == "media-z"
-            assert await eventually(lambda: heard(listener, 440), 15.0)
-            stats = await internal.GetNodeStats(
-                pb.GetNodeStatsRequest(node="mediaNodes/media-z"), metadata=service_token()
+            token, _ = MediaGrantSigner(GRANT_SECRET).sign(
+                space_id="s1", user_id="bob", role="listener", may_publish=False, node="media-t"
             )
-            print(f"edge stats: {stats.stats.listener_count} listener(s)")
+            await listener.pc.setLocalDescription(await listener.pc.createOffer())
+            joined = await stub.Negotiate(
+                pb.NegotiateRequest(
+                    node="mediaNodes/media-t",
+                    grant=token,
+                    sdp_offer=listener.pc.localDescription.sdp,
+                ),
+                metadata=bearer(signing_key.mint("bob")),
+            )
+            assert joined.recording, "the Space is being recorded"
+            closed = await stub.CloseSpace(
+                pb.CloseSpaceRequest(space="spaces/s1"), metadata=service_token()
+            )
+
+            (recording,) = closed.recordings
+            assert recording.state == media_res.Recording.STATE_READY, recording
+            assert recording.duration.ToTimedelta().total_seconds() == 0
+            assert recording.size_bytes > 0
+
+            headers = {"Authorization": f"Bearer {signing_key.mint('bob')}"}
+            whole = await http.get(f"/v1/{recording.name}:read", headers=headers)
+            assert whole.status_code == 200, whole.text
+            assert whole.headers["content-type"] == "audio/ogg; codecs=opus"
+            assert len(whole.content) == recording.size_bytes
+            with av.open(io.BytesIO(whole.content), mode="r") as played:
+                assert played.streams.audio[0].codec_context.name == "opus"
+                assert sum(frame.samples for frame in played.decode(audio=0)) == 0
+
+            first = await http.get(
+                f"/v1/{recording.name}:read", headers=headers | {"Range": "bytes=0-3"}
+            )
+            assert first.status_code == 206
+            assert first.content == b"OggS"
+            assert first.headers["content-range"] == f"bytes 0-3/{recording.size_bytes}"
+            tail = await http.get(
+                f"/v1/{recording.name}:read", headers=headers | {"Range": "bytes=-3"}
+            )
+            assert tail.status_code == 206 and tail.content == whole.content[-3:]
     finally:
-        await edge.stop(grace=0)
-        await origin.stop(grace=0)
+        await media.stop(grace=0)
+        await rooms.stop(0)
