@@ -7,9 +7,11 @@ checks and reflection are left out of traces: probes every few seconds would dro
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -24,19 +26,21 @@ from opentelemetry.instrumentation.grpc import (
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import start_http_server
+from prometheus_client import Histogram, start_http_server
 
 from services.common.settings import CommonSettings
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GC_PAUSE",
     "MetricsServer",
     "client_tracing_interceptors",
     "server_tracing_interceptor",
     "setup_tracing",
     "shutdown_tracing",
     "start_metrics_server",
+    "track_gc_pauses",
 ]
 
 _provider: TracerProvider | None = None
@@ -120,12 +124,37 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+GC_PAUSE = Histogram(
+    "spaces_gc_pause_seconds",
+    "Cyclic garbage collections of the process (each holds the GIL: in media, a pause of "
+    "all forwarding), by generation.",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+_gc_started = [0.0]
+
+
+def _time_collection(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+
+
+def track_gc_pauses() -> None:
+    """Time every garbage collection into :data:`GC_PAUSE` (idempotent)."""
+    if _time_collection not in gc.callbacks:
+        gc.callbacks.append(_time_collection)
+
+
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> MetricsServer:
-    """Serve the default Prometheus registry over HTTP (``/metrics``).
+    """Serve the default Prometheus registry over HTTP (``/metrics``), with garbage
+    collection pauses timed (:func:`track_gc_pauses`).
 
     :param port: TCP port; 0 picks a free one (see :attr:`MetricsServer.port`).
     :param addr: bind address.
     """
+    track_gc_pauses()
     server = MetricsServer(port, addr)
     logger.info("metrics on http://%s:%d/metrics", addr, server.port)
     return server

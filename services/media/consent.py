@@ -62,6 +62,8 @@ FINGERPRINT = 0x8028
 ICE_CONTROLLED = 0x8029
 ICE_CONTROLLING = 0x802A
 
+CHECKS_PER_SLICE = 8
+"""Consent checks sent per event-loop callback (about 0.1 ms each)."""
 _SLACK_S = 0.05
 """Checks due this soon are sent with the ones due now."""
 _INTEGRITY_SIZE = 24  # attribute header + HMAC-SHA1
@@ -404,10 +406,20 @@ class ConsentChecker:
         while self._due and self._due[0][0] <= horizon:
             due.append(heapq.heappop(self._due)[2])
         # Checked after popping: a check reschedules its session, never into this round.
-        for target in due:
+        self._check_slice(due)
+
+    def _check_slice(self, due: list[ConsentTarget]) -> None:
+        """Send a slice of a round's checks; the rest go in a later callback, so media
+        packets that arrived meanwhile are forwarded first (ingress runs on this loop)."""
+        if self._loop is None:
+            return
+        for target in due[:CHECKS_PER_SLICE]:
             if target.active:
                 try:
                     self._check(target)
                 except Exception:
                     logger.exception("consent check failed")
-        self._arm()
+        if len(due) > CHECKS_PER_SLICE:
+            self._loop.call_soon(self._check_slice, due[CHECKS_PER_SLICE:])
+        else:
+            self._arm()

@@ -415,7 +415,9 @@ class MediaEngine:
                 if now >= next_rtcp:
                     next_rtcp = now + _RTCP_CHECK
                     for room in list(self._rooms.values()):
-                        room.send_reports(now)
+                        # In slices: media packets waiting on the loop go first.
+                        while room.send_reports(now):
+                            await asyncio.sleep(0)
                 if now >= next_levels and self._watchers:
                     next_levels = now + self.config.levels_interval
                     self._publish_levels(now)

@@ -378,11 +378,14 @@ class Room:
         stats = session.publisher.stats if session.publisher is not None else None
         read_reports(packet, session.slot_ssrcs, stats, time.perf_counter())
 
-    def send_reports(self, now: float) -> None:
-        """Send the RTCP reports that are due."""
+    def send_reports(self, now: float, limit: int = 8) -> bool:
+        """Send up to ``limit`` of the RTCP reports that are due; returns whether more
+        are (the caller yields to ingress between slices)."""
         interval = self.config.rtcp_interval
         due = self._rtcp_due
         while due and due[0][0] <= now:
+            if limit <= 0:
+                return True
             when, _, session = heapq.heappop(due)
             if (
                 session.state is not SessionState.CONNECTED
@@ -399,10 +402,12 @@ class Room:
             )
             if report is None:
                 continue
+            limit -= 1
             if session.egress is not None:
                 self.pool.send_rtcp(session.egress, report)
             elif session.fallback is not None:
                 session.fallback.push(report, 0.0)
+        return False
 
     def levels(self, now: float) -> list[SpeakerLevel]:
         """Every publisher's smoothed level, loudest first."""

@@ -4,6 +4,7 @@ validation, error mapping, streaming, deadlines and request ids."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import urllib.request
 from collections.abc import AsyncIterator
@@ -120,6 +121,15 @@ async def test_metrics_count_and_time_calls(
         text,
     )
     assert re.search(r'spaces_rpc_server_duration_seconds_count\{[^}]*method="Ping"', text)
+
+
+async def test_metrics_time_garbage_collections(service: Service) -> None:
+    """Every collection holds the GIL; operators see how long (media: forwarding stops)."""
+    gc.collect()
+    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+    match = re.search(r'spaces_gc_pause_seconds_count\{generation="2"\} ([0-9.e+]+)', text)
+    assert match and float(match.group(1)) >= 1
 
 
 # --- authentication ----------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 from aioice import stun
 
 from services.media.consent import (
+    CHECKS_PER_SLICE,
     ConsentChecker,
     ConsentTarget,
     binding_request,
@@ -131,6 +133,46 @@ async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() ->
     assert expired == ["silent", "live"]
     assert len(checker) == 0
     await checker.stop()
+
+
+async def test_a_round_of_checks_goes_out_in_slices_between_other_callbacks() -> None:
+    """Ingress runs on the same loop: a round of many checks must not hold it."""
+    checker = ConsentChecker(interval=0.05, failures=100)
+    log: list[str] = []
+
+    def target() -> ConsentTarget:
+        return ConsentTarget(
+            check=lambda: (
+                binding_request(os.urandom(12), "r:l", 1, 2, REMOTE_PWD),
+                REMOTE_PWD,
+                ("127.0.0.1", 9),
+            ),
+            send=lambda data, address: log.append("check"),
+            expired=lambda: None,
+        )
+
+    count = 3 * CHECKS_PER_SLICE + 1
+    for _ in range(count):
+        checker.track(target())
+    # Everyone due at once (equal times and rising tie-breakers keep it a heap).
+    due = time.monotonic() - 1
+    checker._due = [(due, i, entry[2]) for i, entry in enumerate(checker._due)]
+    checker.start()
+    loop = asyncio.get_running_loop()
+    arriving = True
+
+    def packet() -> None:  # media packets, arriving all the time on the same loop
+        log.append("packet")
+        if arriving:
+            loop.call_soon(packet)
+
+    packet()
+    await asyncio.sleep(0.01)
+    arriving = False
+    checker.cancel()
+    assert log.count("check") == count, "every due check went out"
+    runs = "".join("c" if entry == "check" else " " for entry in log).split()
+    assert max(len(run) for run in runs) <= CHECKS_PER_SLICE, log
 
 
 def test_truncated_or_mangled_messages_are_refused_without_raising() -> None:
