@@ -538,7 +538,8 @@ class EgressWorker:
         elif kind == _LEAVE:
             self._leave(job[1], job[2])
         elif kind == _RTCP:
-            job[1].send_rtcp(job[2])
+            for handle, plaintext in job[1]:
+                handle.send_rtcp(plaintext)
         elif kind == _CALL:
             job[1]()
 
@@ -655,8 +656,17 @@ class EgressPool:
 
     def send_rtcp(self, handle: EgressHandle, plaintext: bytes) -> None:
         """Protect and send RTCP to a listener, on the worker that owns its SRTP."""
-        if handle.worker is not None:
-            handle.worker.submit((_RTCP, handle, plaintext))
+        self.send_rtcp_batch([(handle, plaintext)])
+
+    def send_rtcp_batch(self, reports: list[tuple[EgressHandle, bytes]]) -> None:
+        """:meth:`send_rtcp` for many listeners: one job per worker (a thread wake-up
+        per batch, not per report)."""
+        jobs: dict[EgressWorker, list[tuple[EgressHandle, bytes]]] = {}
+        for handle, plaintext in reports:
+            if handle.worker is not None:
+                jobs.setdefault(handle.worker, []).append((handle, plaintext))
+        for worker, batch in jobs.items():
+            worker.submit((_RTCP, batch))
 
     def call_on_workers(self, function: Callable[[], None]) -> None:
         """Run ``function`` on every worker (its thread), after the jobs queued so far;

@@ -95,6 +95,9 @@ _TIMESPEC = struct.Struct("=qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
 SrtpHandler = Callable[[bytes, float], None]
+
+MUX_CONSENT_FAILURES = 5
+"""Unanswered consent checks in a row after which the mux expires a session's consent."""
 Address = tuple[str, int]
 
 
@@ -247,7 +250,12 @@ class IceMux:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.fd, self._readable)
         # Read now: the engine sets the interval for this node before starting the mux.
-        self.consent = ConsentChecker(internals.consent_interval(), internals.CONSENT_FAILURES)
+        # Same time to notice a vanished peer as aioice's (failures x 1.2 x interval),
+        # in fewer, RFC 7675-paced checks: one per ~4.7 s instead of ~3.9 s by default.
+        self.consent = ConsentChecker(
+            internals.consent_interval() * internals.CONSENT_FAILURES / MUX_CONSENT_FAILURES,
+            MUX_CONSENT_FAILURES,
+        )
         self.consent.start()
         logger.info(
             "ICE mux listening on %s:%d (announced as %s)", self.host, self.port, self.announce

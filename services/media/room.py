@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from services.media.config import MediaConfig
-from services.media.egress import EgressPool, FallbackSender
+from services.media.egress import EgressHandle, EgressPool, FallbackSender
 from services.media.forwarding import ForwardingGroup
 from services.media.icemux import IceMux
 from services.media.ingress import Publisher
@@ -383,9 +383,12 @@ class Room:
         are (the caller yields to ingress between slices)."""
         interval = self.config.rtcp_interval
         due = self._rtcp_due
+        batch: list[tuple[EgressHandle, bytes]] = []
+        more = False
         while due and due[0][0] <= now:
             if limit <= 0:
-                return True
+                more = True
+                break
             when, _, session = heapq.heappop(due)
             if (
                 session.state is not SessionState.CONNECTED
@@ -404,10 +407,12 @@ class Room:
                 continue
             limit -= 1
             if session.egress is not None:
-                self.pool.send_rtcp(session.egress, report)
+                batch.append((session.egress, report))
             elif session.fallback is not None:
                 session.fallback.push(report, 0.0)
-        return False
+        if batch:
+            self.pool.send_rtcp_batch(batch)
+        return more
 
     def levels(self, now: float) -> list[SpeakerLevel]:
         """Every publisher's smoothed level, loudest first."""

@@ -362,7 +362,7 @@ async def test_the_mux_keeps_consent_in_place_of_aioice(monkeypatch: pytest.Monk
         [protocol] = [p for p in ours._protocols if isinstance(p, MuxedStunProtocol)]
         await asyncio.sleep(0.05)
         assert protocol.consent is not None, "the mux keeps this session's consent"
-        await asyncio.sleep(1.5)  # ~15 checks each way, 6 misses would expire either side
+        await asyncio.sleep(1.5)  # a dozen checks each way; 5 or 6 misses would expire a side
         assert theirs._query_consent_task is not None and not theirs._query_consent_task.done()
         assert protocol.consent is not None and protocol.consent.failures == 0
         assert protocol.remote_address in protocol.checked
