@@ -21,26 +21,29 @@ MODULE = "_spaces_media_fanout"
 SOURCE = Path(__file__).with_name("fanout.c")
 SOURCES = [Path(__file__).with_name("srtp_gcm.c")]
 
-CDEF = """
+HEADER = SOURCE.with_name("srtp_gcm.h")
+FANOUT_CDEF = """
 int spaces_fanout(uintptr_t protect_address, int fd, uintptr_t sessions_address,
                   uintptr_t buffers_address, size_t stride, uintptr_t lengths_address,
                   uintptr_t msgs_address, int count, int chunk, const char *packet, int size,
                   double *chunk_done, int *chunk_sent, long *totals);
-size_t spaces_srtp_gcm_size(void);
-int spaces_srtp_gcm_available(void);
-int spaces_srtp_gcm_init(void *ctx, const uint8_t *master_key, int key_len,
-                         const uint8_t *master_salt, int salt_len);
-int spaces_srtp_gcm_protect(void *ctx, void *packet, int *len);
-int spaces_aes_gcm_encrypt(const uint8_t *key, int key_len, const uint8_t *iv,
-                           const uint8_t *aad, size_t aad_len, uint8_t *text,
-                           size_t text_len, uint8_t *tag);
 """
+
+
+def header_declarations(header: Path) -> str:
+    """A header's declarations as cffi reads them: every preprocessor line dropped but
+    constant ``#define NAME value`` lines (the include guard and includes go)."""
+    return "\n".join(
+        line
+        for line in header.read_text().splitlines()
+        if not line.startswith("#") or (line.startswith("#define ") and len(line.split()) == 3)
+    )
 
 
 def builder() -> cffi.FFI:
     """The cffi builder of the module (API mode, compiled from ``fanout.c``)."""
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(FANOUT_CDEF + header_declarations(HEADER))
     ffi.set_source(
         MODULE,
         '#include "srtp_gcm.h"\n' + SOURCE.read_text(),
