@@ -179,15 +179,23 @@ class MediaApi(pb_grpc.MediaServiceServicer):
             if item.get("expire_time") is None or float(item["expire_time"]) > now
         ]
 
-    async def _recording(self, name: str) -> res.Recording:
+    async def _recording_item(self, name: str) -> tuple[res.Recording, dict[str, Any]]:
+        """The recording as a message and as the registry describes it (with its node)."""
         space, recording_id = name.split("/")[1], _last(name)
         await self._access.check(space, _user(current_principal()))
-        for recording in await self._recordings(space):
+        now = time.time()
+        for item in await self._node.registry.recordings(space):
+            if item.get("expire_time") is not None and float(item["expire_time"]) <= now:
+                continue  # expired: gone for apps
+            recording = recording_message(space, item)
             if recording.name == name:
-                return recording
+                return recording, item
         raise NotFound(
             "no such recording", reason="RECORDING_NOT_FOUND", metadata={"id": recording_id}
         )
+
+    async def _recording(self, name: str) -> res.Recording:
+        return (await self._recording_item(name))[0]
 
     async def ListRecordings(
         self, request: pb.ListRecordingsRequest, context: Any
@@ -205,16 +213,29 @@ class MediaApi(pb_grpc.MediaServiceServicer):
     async def ReadRecording(
         self, request: pb.ReadRecordingRequest, context: Any
     ) -> AsyncIterator[pb.ReadRecordingResponse]:
-        recording = await self._recording(request.name)
+        recording, item = await self._recording_item(request.name)
         if recording.state != res.Recording.STATE_READY:
             raise FailedPrecondition("the recording is not ready", reason="RECORDING_NOT_READY")
         path = self._recordings_dir / recording.space.split("/")[1] / f"{_last(recording.name)}.ogg"
         if not path.exists():
-            # Files live on the disk of the node that recorded them; a deployment with
-            # several nodes mounts one shared volume at MEDIA_RECORDINGS_DIR.
-            raise Unavailable(
-                "the recording's file is not on this media node", reason="RECORDING_NOT_LOCAL"
-            )
+            # Files live on the disk of the node that recorded them (unless the nodes
+            # share one volume at MEDIA_RECORDINGS_DIR): that node serves the read.
+            if request.offset >= recording.size_bytes:
+                raise OutOfRange(
+                    "offset is at or past the end of the recording", reason="OFFSET_OUT_OF_RANGE"
+                )
+            address = await self._recording_node(str(item.get("node", "")))
+            if address is None:
+                raise Unavailable(
+                    "the recording's file is not on this media node, and the node that "
+                    "recorded it is gone",
+                    reason="RECORDING_NOT_LOCAL",
+                )
+            links = self._node.nodes
+            assert links is not None
+            async for response in links.read_recording(address, request):
+                yield response
+            return
         size = path.stat().st_size
         if request.offset >= size:
             raise OutOfRange(
@@ -231,6 +252,12 @@ class MediaApi(pb_grpc.MediaServiceServicer):
                     break
                 yield pb.ReadRecordingResponse(offset=offset, data=data)
                 offset += len(data)
+
+    async def _recording_node(self, node_id: str) -> str | None:
+        """The gRPC address of the live node that recorded a file, if it is another."""
+        if not node_id or node_id == self._node.node_id or self._node.nodes is None:
+            return None
+        return await self._node.registry.address_of(node_id)
 
     # -- internal: rooms ----------------------------------------------------------------
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import grpc.aio
@@ -211,6 +211,10 @@ class GrpcSpaceAccess:
             )
 
 
+_READ_RECORDING_S = 600.0
+"""Longest read of a recording from another node (the caller's deadline caps it)."""
+
+
 class GrpcNodeLink:
     """Calls to other media nodes, one channel per node address (opened on first use).
 
@@ -250,6 +254,25 @@ class GrpcNodeLink:
         await self._stub(address).CloseRelay(
             media_pb.CloseRelayRequest(space=f"spaces/{space}", relay=relay), timeout=5.0
         )
+
+    async def read_recording(
+        self, address: str, request: media_pb.ReadRecordingRequest
+    ) -> AsyncIterator[media_pb.ReadRecordingResponse]:
+        """ReadRecording on the node at ``address`` (the one holding the file), as the
+        calling user: that node checks the user's access again.
+
+        :raises Unavailable: when that node cannot serve it.
+        """
+        with call_as(CallIdentity.FORWARD_USER):
+            call = self._stub(address).ReadRecording(request, timeout=_READ_RECORDING_S)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(
+                f"the media node holding the recording cannot serve it: {error.details()}",
+                reason="RECORDING_NODE_UNREACHABLE",
+            ) from None
 
     async def close(self) -> None:
         """Close every channel."""

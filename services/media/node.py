@@ -23,12 +23,13 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from spaces.media.v1 import media_events_pb2 as media_events
 from spaces.media.v1 import media_resources_pb2 as media_res
+from spaces.media.v1 import media_service_pb2 as media_pb
 
 from services.common.admission import Admission
 from services.common.errors import (
@@ -109,6 +110,11 @@ class NodeLink(Protocol):
 
     async def close_relay(self, address: str, space: str, relay: str) -> None:
         """CloseRelay on the node at ``address``."""
+
+    def read_recording(
+        self, address: str, request: media_pb.ReadRecordingRequest
+    ) -> AsyncIterator[media_pb.ReadRecordingResponse]:
+        """ReadRecording on the node at ``address``, as the calling user."""
 
 
 @dataclasses.dataclass(frozen=True)

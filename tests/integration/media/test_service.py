@@ -31,6 +31,7 @@ from services.gateway.transcoder.backend import Backend, BackendRouter
 from tests.helpers.servers import bearer, plain_channel
 from tests.helpers.tokens import SigningKey, jwks
 from tests.integration.gateway.conftest import SERVICES, serving
+from tests.integration.identity.harness import reason
 from tests.integration.media.conftest import (
     GRANT_SECRET,
     AppFactory,
@@ -251,3 +252,67 @@ async def test_a_recorded_space_that_ended_before_any_audio_has_a_playable_recor
     finally:
         await media.stop(grace=0)
         await rooms.stop(0)
+
+
+@asynccontextmanager
+async def open_rooms() -> AsyncIterator[str]:
+    """An :class:`OpenRooms` server; yields its address."""
+    rooms = grpc.aio.server()
+    rooms_grpc.add_RoomsServiceServicer_to_server(OpenRooms(), rooms)  # type: ignore[abstract]
+    port = rooms.add_insecure_port("127.0.0.1:0")
+    await rooms.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await rooms.stop(0)
+
+
+async def test_any_node_reads_a_recording_from_the_node_that_recorded_it(
+    start_media: MediaFactory, signing_key: SigningKey, apps: AppFactory, tmp_path: Path
+) -> None:
+    """Without a shared volume, a read that reaches another node (the gateway sends it to
+    any) is served by the recording's node, with the user's own access checked there."""
+    async with open_rooms() as rooms_addr:
+        nodes = {
+            name: await start_media(name, rooms_addr=rooms_addr, recordings_dir=tmp_path / name)
+            for name in ("media-a", "media-b")
+        }
+        async with media_stub(nodes["media-a"].service.port) as stub:
+            await stub.OpenSpace(
+                pb.OpenSpaceRequest(space="spaces/s2", record=True), metadata=service_token()
+            )
+            node, grant = await place(stub, "s2", "bob", publish=False)
+        holder = node.removeprefix("mediaNodes/")
+        (other,) = set(nodes) - {holder}
+        async with media_stub(nodes[holder].service.port) as origin:
+            await negotiate(origin, signing_key, "bob", apps("bob"), node, grant)
+            await asyncio.sleep(1.5)  # the origin records a second of (silent) Space
+            closed = await origin.CloseSpace(
+                pb.CloseSpaceRequest(space="spaces/s2"), metadata=service_token()
+            )
+        (recording,) = closed.recordings
+        assert recording.state == media_res.Recording.STATE_READY and recording.size_bytes > 0
+        file = tmp_path / holder / "s2" / f"{recording.name.rsplit('/', 1)[1]}.ogg"
+        content = file.read_bytes()
+        assert not (tmp_path / other / "s2").exists(), "only the origin has the file"
+
+        user = bearer(signing_key.mint("bob"))
+        async with media_stub(nodes[other].service.port) as elsewhere:
+
+            async def read(offset: int = 0, length: int = 0) -> bytes:
+                request = pb.ReadRecordingRequest(name=recording.name, offset=offset, length=length)
+                responses = [r async for r in elsewhere.ReadRecording(request, metadata=user)]
+                assert responses[0].recording.name == recording.name
+                return b"".join(r.data for r in responses)
+
+            assert await read() == content
+            assert await read(offset=4, length=10) == content[4:14]
+            with pytest.raises(grpc.aio.AioRpcError) as past_the_end:
+                await read(offset=recording.size_bytes)
+            assert past_the_end.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+            await nodes[holder].service.stop(grace=0)  # gone: nobody can serve the file
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await read()
+            assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert reason(gone.value) == "RECORDING_NOT_LOCAL"
