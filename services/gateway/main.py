@@ -39,11 +39,17 @@ from services.gateway.ratelimit import (
 from services.gateway.routing import http_bindings
 from services.gateway.settings import GatewaySettings
 from services.gateway.transcoder.backend import Backend, BackendRouter, addresses_from_settings
+from services.gateway.ws_protocol import HandshakeCheckedWebSocketProtocol
 from services.media.registry import NodeRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_gateway", "main", "rate_limit_redis_url"]
+__all__ = ["WS_MAX_FRAME_BYTES", "build_gateway", "main", "rate_limit_redis_url"]
+
+WS_MAX_FRAME_BYTES = 64 * 1024
+"""Largest WebSocket frame a client may send. Clients send nothing over stream sockets
+(frames are read only to notice a close): a small limit keeps a client from making us
+buffer megabytes."""
 
 
 def _read_methods(api: ApiDescription) -> list[str]:
@@ -135,9 +141,8 @@ async def main() -> None:
         log_config=None,
         lifespan="on",
         proxy_headers=True,
-        # Clients send nothing over stream sockets (frames are read only to notice a
-        # close): a small frame limit keeps a client from making us buffer megabytes.
-        ws_max_size=64 * 1024,
+        ws=HandshakeCheckedWebSocketProtocol,
+        ws_max_size=WS_MAX_FRAME_BYTES,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )

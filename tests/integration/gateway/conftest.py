@@ -16,8 +16,10 @@ from services.common.auth import StaticJwksSource, TokenVerifier
 from services.gateway.app import GatewayConfig, create_app
 from services.gateway.clients import ClientIdentifier
 from services.gateway.descriptors import load_api
+from services.gateway.main import WS_MAX_FRAME_BYTES
 from services.gateway.ratelimit import MemoryRateLimiter, RateLimiter, RateLimitGate
 from services.gateway.transcoder.backend import Backend, BackendRouter
+from services.gateway.ws_protocol import HandshakeCheckedWebSocketProtocol
 from tests.helpers.tokens import SigningKey, jwks
 from tests.integration.gateway.double import EchoBackend, start_double
 
@@ -27,7 +29,16 @@ SERVICES = ("identity", "rooms", "media", "notify", "payments")
 @asynccontextmanager
 async def serving(app: Starlette) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on a free port; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_config=None,
+        lifespan="on",
+        # As the gateway's main serves it.
+        ws=HandshakeCheckedWebSocketProtocol,
+        ws_max_size=WS_MAX_FRAME_BYTES,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -1,0 +1,149 @@
+"""Hostile WebSocket clients against the real gateway (a double behind it, uvicorn
+configured as the gateway's main does): mangled upgrade paths and queries, junk
+subprotocols, and frames a stream never asks for (text, binary, oversized, floods). The
+gateway answers every bad request with a status (an HTTP 4xx refusal, or a close with
+4000 + the HTTP status, never 4500 and up: no internal error), ignores client frames,
+closes on an oversized one with 1009, and keeps serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from google.protobuf.message import Message
+from spaces.rooms.v1 import rooms_events_pb2, rooms_service_pb2
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from services.gateway.main import WS_MAX_FRAME_BYTES
+from tests.integration.gateway.conftest import GatewayUnderTest
+
+WATCH = "/spaces.rooms.v1.RoomsService/WatchSpace"
+
+
+def ws_url(gw: GatewayUnderTest, path: str) -> str:
+    return gw.url.replace("http://", "ws://") + path
+
+
+async def ticking(request: Message, context: Any) -> AsyncIterator[Message]:
+    """An endless event stream, a frame every 10 ms."""
+    sequence = 0
+    while True:
+        sequence += 1
+        event = rooms_events_pb2.SpaceEvent(sequence=sequence, resume_token=f"t{sequence}")
+        yield rooms_service_pb2.WatchSpaceResponse(events=[event])
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def streaming(gw: GatewayUnderTest) -> GatewayUnderTest:
+    gw.double.streams[WATCH] = ticking
+    return gw
+
+
+async def outcome(url: str, **options: Any) -> tuple[str, int | None]:
+    """How the gateway treats one connection: ``("stream", None)`` when frames flow,
+    ``("closed", code)`` when it closes first, ``("refused", status)`` when the upgrade
+    itself is refused."""
+    try:
+        async with connect(url, open_timeout=5, close_timeout=2, **options) as ws:
+            try:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            except ConnectionClosed:
+                return "closed", ws.close_code
+            if "error" in frame:
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 5)
+                return "closed", ws.close_code
+            return "stream", None
+    except InvalidHandshake as error:
+        response = getattr(error, "response", None)
+        return "refused", getattr(response, "status_code", None)
+
+
+HOSTILE_PATHS = [
+    "/v1/spaces/%ff%fe:watch",  # not UTF-8 once decoded
+    "/v1/spaces/%00:watch",
+    "/v1/spaces/%zz:watch",  # not a percent escape
+    "/v1/spaces/" + "a" * 8000 + ":watch",
+    "/v1/spaces/abc:watch?resume_token=" + "r" * 60_000,  # past websockets' 8 KiB line
+    "/v1/spaces/abc:watch?resume_token=%ff%00",
+    "/v1/spaces/abc:watch?resume_token=a&resume_token=b",
+    "/v1/spaces/abc:watch?name=spaces/other",  # a path field again, from the query
+    "/v1/spaces/abc:watch?unknown_field=1",
+    "/v1/spaces/abc:watch?access_token=not.a.jwt",
+    "/v1/spaces/a/b/c:watch",
+    "/v1/spaces/..%2f..%2fadmin:watch",
+    "/v1/spaces/abc:watchx",
+    "/v1/spaces/abc",  # a unary route: not a stream
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_PATHS, ids=range(len(HOSTILE_PATHS)))
+async def test_mangled_upgrades_get_a_status_never_an_internal_error(
+    streaming: GatewayUnderTest, path: str
+) -> None:
+    kind, code = await outcome(ws_url(streaming, path))
+    if kind == "closed":
+        assert code is not None and 4400 <= code < 4500, (path, code)
+    elif kind == "refused":
+        assert code is not None and 400 <= code < 500, (path, code)
+    # A stream is fine too (the backend decides about odd but well-formed requests).
+    assert await outcome(ws_url(streaming, "/v1/spaces/abc:watch")) == ("stream", None)
+
+
+@pytest.mark.parametrize(
+    "subprotocols",
+    [["bearer"], ["bearer", "x" * 4000], ["bearer", "not.a.jwt"], ["junk", "bearer", "more"]],
+    ids=["no-token", "long-token", "bad-token", "mixed"],
+)
+async def test_junk_subprotocol_tokens_are_refused_cleanly(
+    streaming: GatewayUnderTest, subprotocols: list[str]
+) -> None:
+    kind, code = await outcome(
+        ws_url(streaming, "/v1/spaces/abc:watch"),
+        subprotocols=subprotocols,  # type: ignore[arg-type]
+    )
+    assert kind == "stream" or (code is not None and code < 4500 and code != 1011), (kind, code)
+
+
+async def test_client_frames_are_ignored_and_the_stream_goes_on(
+    streaming: GatewayUnderTest,
+) -> None:
+    rng = random.Random(7)
+    async with connect(ws_url(streaming, "/v1/spaces/abc:watch")) as ws:
+        await ws.recv()
+        for _ in range(500):  # a flood of frames of every kind the stream never reads
+            choice = rng.randrange(4)
+            if choice == 0:
+                await ws.send(rng.randbytes(rng.randrange(1, 2048)))
+            elif choice == 1:
+                await ws.send("".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(64)))
+            elif choice == 2:
+                await ws.send('{"resume_token": "t1", "name": "spaces/other"}')
+            else:
+                await ws.ping(rng.randbytes(16))
+        await ws.send(bytes(WS_MAX_FRAME_BYTES - 1024))  # large, within the limit
+        sequences = [json.loads(await ws.recv())["events"][0]["sequence"] for _ in range(20)]
+    assert len(set(sequences)) == 20, "frames keep flowing, in order"
+    assert streaming.double.last().request.name == "spaces/abc"  # type: ignore[attr-defined]
+
+
+async def test_an_oversized_frame_closes_only_that_connection(
+    streaming: GatewayUnderTest,
+) -> None:
+    async with connect(ws_url(streaming, "/v1/spaces/abc:watch")) as bystander:
+        await bystander.recv()
+        async with connect(ws_url(streaming, "/v1/spaces/abc:watch"), max_size=None) as ws:
+            await ws.recv()
+            await ws.send(bytes(WS_MAX_FRAME_BYTES + 1))  # past the gateway's frame limit
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1009, ws.close_code
+        for _ in range(5):
+            assert "events" in json.loads(await bystander.recv()), "the others are served"
