@@ -10,6 +10,7 @@ leaves the registry.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import grpc.aio
@@ -184,6 +185,10 @@ def build_service(
 def main() -> None:
     """Run a media node until SIGTERM/SIGINT."""
     service, _ = build_service(MediaSettings(), CommonSettings(), MediaGrantSettings())
+    # Everything loaded so far (modules, classes, settings) lives as long as the process:
+    # full collections, which stop forwarding while they run, need not scan it again.
+    gc.collect()
+    gc.freeze()
     serve(service)
 
 
