@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from google.protobuf.message import Message
+from spaces.rooms.v1 import rooms_events_pb2, rooms_service_pb2
 from starlette.applications import Starlette
 
 from services.common.auth import StaticJwksSource, TokenVerifier
@@ -87,3 +90,18 @@ async def gateway_with_double(
 async def gw(signing_key: SigningKey) -> AsyncIterator[GatewayUnderTest]:
     async with gateway_with_double(signing_key) as running:
         yield running
+
+
+def ws_url(gw: GatewayUnderTest, path: str) -> str:
+    """The WebSocket URL of ``path`` on the gateway under test."""
+    return gw.url.replace("http://", "ws://") + path
+
+
+async def endless(request: Message, context: Any) -> AsyncIterator[Message]:
+    """A WatchSpace stream that never ends: an event every 10 ms."""
+    sequence = 0
+    while True:
+        sequence += 1
+        event = rooms_events_pb2.SpaceEvent(sequence=sequence, resume_token=f"t{sequence}")
+        yield rooms_service_pb2.WatchSpaceResponse(events=[event])
+        await asyncio.sleep(0.01)

@@ -17,16 +17,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers.tokens import SigningKey
-from tests.integration.gateway.conftest import GatewayUnderTest
+from tests.integration.gateway.conftest import GatewayUnderTest, endless, ws_url
 
 WATCH = "/spaces.rooms.v1.RoomsService/WatchSpace"
 SUBSCRIBE = "/spaces.notify.v1.NotifyService/SubscribeNotifications"
 READ = "/spaces.media.v1.MediaService/ReadRecording"
 FILE = bytes(range(256)) * 10  # 2560 bytes
-
-
-def ws_url(gw: GatewayUnderTest, path: str) -> str:
-    return gw.url.replace("http://", "ws://") + path
 
 
 async def numbered_events(request: Message, context: Any) -> AsyncIterator[Message]:
@@ -39,15 +35,6 @@ async def numbered_events(request: Message, context: Any) -> AsyncIterator[Messa
         await asyncio.sleep(0)
     if request.name == "spaces/failing":
         await context.abort(grpc.StatusCode.NOT_FOUND, "the Space is gone")
-
-
-async def endless(request: Message, context: Any) -> AsyncIterator[Message]:
-    sequence = 0
-    while True:
-        sequence += 1
-        event = rooms_events_pb2.SpaceEvent(sequence=sequence, resume_token=f"t{sequence}")
-        yield rooms_service_pb2.WatchSpaceResponse(events=[event])
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -10,38 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from google.protobuf.message import Message
-from spaces.rooms.v1 import rooms_events_pb2, rooms_service_pb2
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from services.gateway.main import WS_MAX_FRAME_BYTES
-from tests.integration.gateway.conftest import GatewayUnderTest
+from tests.integration.gateway.conftest import GatewayUnderTest, endless, ws_url
 
 WATCH = "/spaces.rooms.v1.RoomsService/WatchSpace"
 
 
-def ws_url(gw: GatewayUnderTest, path: str) -> str:
-    return gw.url.replace("http://", "ws://") + path
-
-
-async def ticking(request: Message, context: Any) -> AsyncIterator[Message]:
-    """An endless event stream, a frame every 10 ms."""
-    sequence = 0
-    while True:
-        sequence += 1
-        event = rooms_events_pb2.SpaceEvent(sequence=sequence, resume_token=f"t{sequence}")
-        yield rooms_service_pb2.WatchSpaceResponse(events=[event])
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 def streaming(gw: GatewayUnderTest) -> GatewayUnderTest:
-    gw.double.streams[WATCH] = ticking
+    gw.double.streams[WATCH] = endless
     return gw
 
 
@@ -106,7 +89,7 @@ async def test_junk_subprotocol_tokens_are_refused_cleanly(
 ) -> None:
     kind, code = await outcome(
         ws_url(streaming, "/v1/spaces/abc:watch"),
-        subprotocols=subprotocols,  # type: ignore[arg-type]
+        subprotocols=subprotocols,
     )
     assert kind == "stream" or (code is not None and code < 4500 and code != 1011), (kind, code)
 
