@@ -74,6 +74,7 @@ from aiortc import (  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
+from services.common.telemetry import track_gc_pauses  # noqa: E402
 from services.media import aiortc_internals as internals  # noqa: E402
 from services.media.config import MediaConfig  # noqa: E402
 from services.media.engine import MediaEngine  # noqa: E402
@@ -579,13 +580,14 @@ async def measure(
     session), and CPython's next full collection (which holds the GIL, so forwarding,
     for about 0.35 ms per session) would land in a window at random; it runs here, before
     the warm-up, so the windows measure steady forwarding. Collections inside the windows
-    are still counted and reported (``gc_pauses``, ``gc_pause_max_ms``).
+    are still counted and reported (``gc_pauses``, ``gc_pause_total_ms``, from the
+    ``spaces_gc_pause_seconds`` histogram every service exports).
     """
     started = time.perf_counter()
     gc.collect()
     full_collection_ms = (time.perf_counter() - started) * 1e3
     await asyncio.sleep(warmup)
-    GC_PAUSES.clear()
+    collections0, paused0 = gc_totals()
     windows: list[dict[str, float]] = []
     values: list[float] = []
     counts: list[int] = []
@@ -614,6 +616,7 @@ async def measure(
         windows.append(
             {"sent": sent1 - sent0, "cpu": cpu1 - cpu0, "wall": wall1 - wall0, "rx": received}
         )
+    collections, paused = gc_totals()
     sent = sum(w["sent"] for w in windows)
     wall = sum(w["wall"] for w in windows)
     cpu = sum(w["cpu"] for w in windows)
@@ -640,26 +643,24 @@ async def measure(
         "forward_p90_ms": round(p90 * 1e3, 3),
         "forward_p99_ms": round(p99 * 1e3, 3),
         "full_collection_before_ms": round(full_collection_ms, 1),
-        "gc_pauses": len(GC_PAUSES),
-        "gc_pause_max_ms": round(max(GC_PAUSES, default=0.0), 2),
+        "gc_pauses": int(collections - collections0),
+        "gc_pause_total_ms": round((paused - paused0) * 1e3, 2),
         "latency_values": values,
         "latency_counts": counts,
     }
 
 
-GC_PAUSES: list[float] = []
-"""Durations (ms) of the cyclic garbage collections since the last ``clear()``."""
-_gc_started = [0.0]
+track_gc_pauses()
 
 
-def _time_collections(phase: str, info: dict[str, int]) -> None:
-    if phase == "start":
-        _gc_started[0] = time.perf_counter()
-    else:
-        GC_PAUSES.append((time.perf_counter() - _gc_started[0]) * 1e3)
-
-
-gc.callbacks.append(_time_collections)
+def gc_totals() -> tuple[float, float]:
+    """Garbage collections of this process so far: ``(count, seconds)``."""
+    count = paused = 0.0
+    for generation in ("0", "1", "2"):
+        labels = {"generation": generation}
+        count += REGISTRY.get_sample_value("spaces_gc_pause_seconds_count", labels) or 0.0
+        paused += REGISTRY.get_sample_value("spaces_gc_pause_seconds_sum", labels) or 0.0
+    return count, paused
 
 
 async def idle_cpu_share(seconds: float) -> float:

@@ -169,25 +169,21 @@ class MediaApi(pb_grpc.MediaServiceServicer):
 
     # -- recordings (apps) -------------------------------------------------------------
 
-    async def _recordings(self, space: str) -> list[res.Recording]:
-        items = await self._node.registry.recordings(space)
+    async def _recordings(self, space: str) -> list[tuple[res.Recording, dict[str, Any]]]:
+        """The Space's recordings as messages, each with its registry description (which
+        names its node); expired ones are gone for apps (their node deletes the files)."""
         now = time.time()
-        # Expired recordings are gone for apps (their node deletes the files).
         return [
-            recording_message(space, item)
-            for item in items
+            (recording_message(space, item), item)
+            for item in await self._node.registry.recordings(space)
             if item.get("expire_time") is None or float(item["expire_time"]) > now
         ]
 
     async def _recording_item(self, name: str) -> tuple[res.Recording, dict[str, Any]]:
-        """The recording as a message and as the registry describes it (with its node)."""
+        """The recording as a message and as the registry describes it."""
         space, recording_id = name.split("/")[1], _last(name)
         await self._access.check(space, _user(current_principal()))
-        now = time.time()
-        for item in await self._node.registry.recordings(space):
-            if item.get("expire_time") is not None and float(item["expire_time"]) <= now:
-                continue  # expired: gone for apps
-            recording = recording_message(space, item)
+        for recording, item in await self._recordings(space):
             if recording.name == name:
                 return recording, item
         raise NotFound(
@@ -203,7 +199,7 @@ class MediaApi(pb_grpc.MediaServiceServicer):
         space = _last(request.parent)
         await self._access.check(space, _user(current_principal()))
         # A Space has a handful of recordings at most: one page holds them all.
-        return pb.ListRecordingsResponse(recordings=await self._recordings(space))
+        return pb.ListRecordingsResponse(recordings=[r for r, _ in await self._recordings(space)])
 
     async def GetRecording(
         self, request: pb.GetRecordingRequest, context: Any
@@ -301,7 +297,7 @@ class MediaApi(pb_grpc.MediaServiceServicer):
         space = _last(request.space)
         closed = await self._node.close_space(space)
         return pb.CloseSpaceResponse(
-            recordings=await self._recordings(space), closed_session_count=closed
+            recordings=[r for r, _ in await self._recordings(space)], closed_session_count=closed
         )
 
     async def OpenRelay(self, request: pb.OpenRelayRequest, context: Any) -> pb.OpenRelayResponse:

@@ -42,6 +42,7 @@ import numpy.typing as npt
 import pylibsrtp
 from opentelemetry import trace
 
+from services.media import native
 from services.media.metrics import (
     BYTES_SENT,
     FORWARD_LATENCY,
@@ -63,13 +64,8 @@ from services.media.srtp_native import protect_holding_gil as gcm_protect_holdin
 
 logger = logging.getLogger(__name__)
 
-try:
-    # Built by `make` (services/media/native/build.py) into build/gen.
-    import _spaces_media_fanout  # type: ignore[import-not-found]
-
-    _NATIVE: Any = _spaces_media_fanout
-except ImportError:  # pragma: no cover - depends on the build
-    _NATIVE = None
+_NATIVE: Any = native.MODULE
+if _NATIVE is None:  # pragma: no cover - depends on the build
     logger.warning(
         "the native egress loop is not built (make builds it); forwarding runs in Python"
     )

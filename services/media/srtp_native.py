@@ -19,14 +19,11 @@ import ctypes
 import logging
 from typing import Any
 
+from services.media import native
+
 logger = logging.getLogger(__name__)
 
-try:
-    import _spaces_media_fanout  # type: ignore[import-not-found]
-
-    _NATIVE: Any = _spaces_media_fanout
-except ImportError:  # pragma: no cover - depends on the build
-    _NATIVE = None
+_NATIVE: Any = native.MODULE
 
 __all__ = [
     "GCM_PROFILES",
