@@ -412,9 +412,14 @@ class FastSfu:
 
     name = "fast"
 
-    def __init__(self, threads: int, chunk: int, native_srtp: bool = True) -> None:
+    def __init__(self, threads: int, chunk: int, split: int, native_srtp: bool = True) -> None:
         self.engine = MediaEngine(
-            MediaConfig(egress_threads=threads, egress_chunk=chunk, native_srtp=native_srtp)
+            MediaConfig(
+                egress_threads=threads,
+                egress_chunk=chunk,
+                egress_split=split,
+                native_srtp=native_srtp,
+            )
         )
         self.space = "bench"
         self.counter = 0
@@ -714,7 +719,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, style in (("fast", "o-"), ("fast-all", "^"), ("fast-libsrtp", "x"), ("stock", "s--")):
+    styles = (
+        ("fast", "o-"),
+        ("fast-all", "^"),
+        ("fast-libsrtp", "x"),
+        ("fast-unsplit", "+"),
+        ("stock", "s--"),
+    )
+    for name, style in styles:
         subset = [r for r in rows if r["sfu"] == name]
         if subset:
             left.plot(
@@ -765,7 +777,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # Fast path: one speaker talking at every step (the others connected but muted,
         # which media enforces at ingress); at the largest count, all of them too.
-        fast = FastSfu(args.threads, args.chunk, args.native_srtp)
+        fast = FastSfu(args.threads, args.chunk, args.split, args.native_srtp)
         await fast.start()
         await speaker_proc.connect(args.speakers, True, fast.publish)
         for speaker in fast.speakers[1:]:
@@ -802,17 +814,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             proc.count = 0
         await fast.close()
 
+        # Ablations: the same fast path at the largest count with one speaker, with one
+        # part taken out: libsrtp protecting every listener instead of the native AES-GCM,
+        # or each fan-out sent from the egress thread alone.
+        ablations: list[tuple[str, int, bool]] = []
         if args.libsrtp_row and args.native_srtp:
-            # The same fast path with libsrtp protecting every listener (an ablation of
-            # the native AES-GCM), at the largest count with one speaker.
-            ablation = FastSfu(args.threads, args.chunk, native_srtp=False)
+            ablations.append(("fast-libsrtp", args.split, False))
+        if args.unsplit_row and args.split > 1:
+            ablations.append(("fast-unsplit", 1, args.native_srtp))
+        for name, split, native_srtp in ablations:
+            ablation = FastSfu(args.threads, args.chunk, split, native_srtp)
             await ablation.start()
             await speaker_proc.connect(1, True, ablation.publish)
             await grow(ablation, procs, args.steps[-1], args.batch)
             row = await measure(
                 ablation, procs, args.steps[-1], 1, args.warmup, args.seconds, args.repeats
             )
-            row["sfu"] = "fast-libsrtp"
+            row["sfu"] = name
             print(summary_line(row), flush=True)
             rows.append(row)
             await speaker_proc.call("close")
@@ -855,6 +873,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
     fast = fast_rows[-1]
     full = next((r for r in rows if r["sfu"] == "fast-all"), None)
     libsrtp = next((r for r in rows if r["sfu"] == "fast-libsrtp"), None)
+    unsplit = next((r for r in rows if r["sfu"] == "fast-unsplit"), None)
     stock_rows = [r for r in rows if r["sfu"] == "stock"]
     kept_up = [r for r in stock_rows if sustained(r)] or stock_rows
     stock = kept_up[-1] if kept_up else None
@@ -875,6 +894,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
         "speakers": 1,
         "slots": SLOTS,
         "egress_threads": args.threads,
+        "egress_split": args.split,
         "receive_steered": STEERING.peer_cpus is not None,
         "fast_us_per_listener_packet": fast["us_per_listener_packet"],
         "fast_pps_per_core": fast["pps_per_core"],
@@ -900,6 +920,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
         if libsrtp
         else None,
         "fast_libsrtp_forward_p99_ms": libsrtp["forward_p99_ms"] if libsrtp else None,
+        "fast_unsplit_us_per_listener_packet": unsplit["us_per_listener_packet"]
+        if unsplit
+        else None,
+        "fast_unsplit_forward_p50_ms": unsplit["forward_p50_ms"] if unsplit else None,
+        "fast_unsplit_forward_p99_ms": unsplit["forward_p99_ms"] if unsplit else None,
         "stock_listeners": stock["listeners"] if stock else 0,
         "stock_speakers": args.stock_speakers,
         "stock_sustained": bool(stock and sustained(stock)),
@@ -935,7 +960,7 @@ async def profile(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     count = args.steps[-1]
     try:
-        fast = FastSfu(args.threads, args.chunk)
+        fast = FastSfu(args.threads, args.chunk, args.split)
         await fast.start()
 
         await speaker_proc.connect(args.speakers, True, fast.publish)
@@ -1159,6 +1184,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="egress threads of the fast path (default: the engine's)",
     )
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument(
+        "--split",
+        type=int,
+        default=MediaConfig().egress_split,
+        help="threads each fan-out is split across (default: the engine's)",
+    )
+    parser.add_argument(
+        "--unsplit-row",
+        action="store_true",
+        help="also run the fast path with unsplit fan-outs (largest count)",
+    )
     parser.add_argument(
         "--libsrtp-row",
         action="store_true",

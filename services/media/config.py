@@ -36,6 +36,10 @@ class MediaConfig:
     :param max_slots: most slots an offer may ask for; more are answered inactive.
     :param egress_threads: egress worker threads (0: forward inline on the event loop).
     :param egress_chunk: listeners per ``sendmmsg`` call.
+    :param egress_split: threads each fan-out is split across (the egress worker and
+        native helpers that never take the GIL; see
+        :class:`services.media.egress.FanoutHelpers`): the last listener's packet leaves
+        sooner when a core is free. 1 sends from the worker alone.
     :param ice_servers: STUN/TURN servers for media's own candidates (none: host only).
     :param selection_interval: seconds between re-rankings of the speakers.
     :param levels_interval: seconds between speaker-level snapshots for subscribers.
@@ -61,6 +65,7 @@ class MediaConfig:
     max_slots: int = 16
     egress_threads: int = 1
     egress_chunk: int = 64
+    egress_split: int = 2
     ice_servers: tuple[IceServer, ...] = ()
     selection_interval: float = 0.1
     levels_interval: float = 0.25
@@ -74,5 +79,5 @@ class MediaConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.slot_count <= self.max_slots:
             raise ValueError("slot_count must be between 1 and max_slots")
-        if self.egress_threads < 0 or self.egress_chunk < 1:
-            raise ValueError("egress_threads must be >= 0 and egress_chunk >= 1")
+        if self.egress_threads < 0 or self.egress_chunk < 1 or self.egress_split < 1:
+            raise ValueError("egress_threads must be >= 0, egress_chunk >= 1 and egress_split >= 1")

@@ -81,6 +81,7 @@ __all__ = [
     "EgressPool",
     "EgressWorker",
     "FallbackSender",
+    "FanoutHelpers",
     "ShardPlan",
     "sockaddr_bytes",
 ]
@@ -211,6 +212,8 @@ class ShardPlan:
         :mod:`services.media.srtp_fastpath`).
     :param protect_address: the protect function of every listener of the plan
         (:attr:`EgressHandle.protect_address`): libsrtp's or the native AES-GCM one.
+    :param helpers: the native helper threads a fan-out is split across
+        (:class:`FanoutHelpers`); ``None`` sends from the calling thread alone.
     """
 
     def __init__(
@@ -221,6 +224,7 @@ class ShardPlan:
         hold_gil: bool = False,
         native: bool | None = None,
         protect_address: int = SRTP_PROTECT_ADDRESS,
+        helpers: FanoutHelpers | None = None,
     ) -> None:
         self.fd = fd
         self.chunk = chunk
@@ -231,6 +235,9 @@ class ShardPlan:
         self.native = _NATIVE is not None if native is None else native
         if self.native and _NATIVE is None:
             raise RuntimeError("the native egress loop is not built")
+        self._pool: Any = helpers.pool if helpers is not None and self.native else None
+        if self._pool is None and _NATIVE is not None:
+            self._pool = _NATIVE.ffi.NULL
         if libsrtp:
             self._protect: Any = srtp_protect_holding_gil if self.hold_gil else srtp_protect
         else:
@@ -356,9 +363,11 @@ class ShardPlan:
         return sent_total, bytes_total
 
     def _fanout_native(self, packet: bytes, received: float) -> tuple[int, int]:
-        """The whole fan-out in one call of the C loop (the GIL is released inside)."""
+        """The whole fan-out in one call of the C loop (the GIL is released inside),
+        split across the helper threads if there are any."""
         done, chunk_sent, totals = self._native_out
         chunks = _NATIVE.lib.spaces_fanout(
+            self._pool,
             self.protect_address,
             self.fd,
             self._sessions_address,
@@ -476,18 +485,50 @@ class ShardPlan:
         return sent, nbytes
 
 
+class FanoutHelpers:
+    """Native threads that share a worker's fan-outs (``native/fanout.c``).
+
+    A fan-out to more than one chunk of listeners is cut into runs of whole chunks: the
+    worker's thread sends the first and each helper one other, at the same time, and the
+    call returns when all are sent. The helpers are pthreads that never run Python, so
+    they wait for no GIL; they exist to cut the time until the last listener's packet
+    leaves (the forwarding latency's tail), not the CPU per packet.
+
+    :param helpers: threads to start besides the worker's own.
+    """
+
+    def __init__(self, helpers: int) -> None:
+        if _NATIVE is None:
+            raise RuntimeError("the native egress loop is not built")
+        self.pool: Any = _NATIVE.lib.spaces_fanout_pool_new(helpers)
+        if self.pool == _NATIVE.ffi.NULL:
+            raise RuntimeError("could not start the fan-out helper threads")
+
+    def __len__(self) -> int:
+        return int(_NATIVE.lib.spaces_fanout_pool_size(self.pool))
+
+    def close(self) -> None:
+        """Stop the threads (no fan-out may be running or start after this)."""
+        if self.pool != _NATIVE.ffi.NULL:
+            _NATIVE.lib.spaces_fanout_pool_free(self.pool)
+            self.pool = _NATIVE.ffi.NULL
+
+
 class EgressWorker:
     """Owns some listeners' egress state and serves jobs for them in order.
 
     :param index: the worker's number (thread name).
     :param chunk: listeners per ``sendmmsg``.
     :param threaded: run jobs on a thread of its own; otherwise inline in ``submit``.
+    :param split: threads each fan-out is split across: this worker's own and
+        ``split - 1`` :class:`FanoutHelpers` (only with the native loop).
     """
 
-    def __init__(self, index: int, chunk: int, threaded: bool) -> None:
+    def __init__(self, index: int, chunk: int, threaded: bool, split: int = 1) -> None:
         self.index = index
         self.chunk = chunk
         self.load = 0
+        self.helpers = FanoutHelpers(split - 1) if split > 1 and _NATIVE is not None else None
         # group id -> (socket, protect function) -> plan
         self._plans: dict[int, dict[tuple[int, int], ShardPlan]] = {}
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -549,6 +590,7 @@ class EgressWorker:
                 self.chunk,
                 hold_gil=self._thread is not None,
                 protect_address=handle.protect_address,
+                helpers=self.helpers,
             )
         plan.add(handle)
 
@@ -569,11 +611,18 @@ class EgressWorker:
         return sum(len(plan) for plans in self._plans.values() for plan in plans.values())
 
     def stop(self) -> None:
-        """Finish queued jobs and end the thread."""
+        """Finish queued jobs and end the thread (and the fan-out helpers)."""
         if self._thread is not None:
             self._queue.put((_STOP,))
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                # Still in a job: its fan-out may be using the helpers, so they stay.
+                logger.warning("egress worker %d did not stop in time", self.index)
+                return
             self._thread = None
+        if self.helpers is not None:
+            self.helpers.close()
+            self.helpers = None
 
 
 class EgressPool:
@@ -581,11 +630,14 @@ class EgressPool:
 
     :param threads: worker threads; 0 runs one worker inline.
     :param chunk: listeners per ``sendmmsg`` call.
+    :param split: threads each worker's fan-outs are split across (see
+        :class:`FanoutHelpers`); 1 sends from the worker alone.
     """
 
-    def __init__(self, threads: int, chunk: int) -> None:
+    def __init__(self, threads: int, chunk: int, split: int = 1) -> None:
         self.workers = [
-            EgressWorker(i, chunk, threaded=threads > 0) for i in range(max(1, threads))
+            EgressWorker(i, chunk, threaded=threads > 0, split=split)
+            for i in range(max(1, threads))
         ]
         self._group_workers: dict[int, dict[EgressWorker, int]] = {}
 

@@ -123,7 +123,9 @@ class MediaEngine:
             if sys.getswitchinterval() > self.config.switch_interval:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.config.switch_interval)
-        self.pool = EgressPool(self.config.egress_threads, self.config.egress_chunk)
+        self.pool = EgressPool(
+            self.config.egress_threads, self.config.egress_chunk, self.config.egress_split
+        )
         self._task = asyncio.create_task(self._housekeeping(), name="media-housekeeping")
 
     async def close(self) -> None:

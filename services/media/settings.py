@@ -104,6 +104,16 @@ class MediaSettings(ServiceSettings):
     egress_threads: int = Field(
         default=1, ge=0, le=8, description="Egress worker threads (0: inline). Default: 1."
     )
+    egress_split: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description=(
+            "Threads each fan-out is split across (the egress worker and native helper "
+            "threads that never take the GIL), so the last listener's packet leaves "
+            "sooner; 1 sends from the worker alone. Default: 2."
+        ),
+    )
     native_srtp: bool = Field(
         default=True,
         description=(
@@ -201,6 +211,7 @@ class MediaSettings(ServiceSettings):
             announce=self.ice_announce,
             slot_count=self.slot_count,
             egress_threads=self.egress_threads,
+            egress_split=self.egress_split,
             levels_interval=self.levels_interval_s,
             native_srtp=self.native_srtp,
         )

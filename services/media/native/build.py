@@ -2,7 +2,7 @@
 
 Run by ``make`` (``python -m services.media.native.build [output_dir]``); the module
 lands in ``build/gen`` beside the generated protos, which is on the import path. It
-needs a C compiler at build time only and links nothing but libc: libsrtp's
+needs a C compiler at build time only and links nothing but libc (and pthreads): libsrtp's
 ``srtp_protect`` is passed in at run time as pylibsrtp's own function pointer, and the
 module's own SRTP AES-GCM protect (``srtp_gcm.c``, AES-NI) is another such pointer. When the
 module is missing, :mod:`services.media.egress` runs the same loop in Python.
@@ -10,6 +10,7 @@ module is missing, :mod:`services.media.egress` runs the same loop in Python.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -23,10 +24,14 @@ SOURCES = [Path(__file__).with_name("srtp_gcm.c")]
 
 HEADER = SOURCE.with_name("srtp_gcm.h")
 FANOUT_CDEF = """
-int spaces_fanout(uintptr_t protect_address, int fd, uintptr_t sessions_address,
-                  uintptr_t buffers_address, size_t stride, uintptr_t lengths_address,
-                  uintptr_t msgs_address, int count, int chunk, const char *packet, int size,
-                  double *chunk_done, int *chunk_sent, long *totals);
+void *spaces_fanout_pool_new(int helpers);
+int spaces_fanout_pool_size(void *pool_address);
+void spaces_fanout_pool_free(void *pool_address);
+int spaces_fanout(void *pool_address, uintptr_t protect_address, int fd,
+                  uintptr_t sessions_address, uintptr_t buffers_address, size_t stride,
+                  uintptr_t lengths_address, uintptr_t msgs_address, int count, int chunk,
+                  const char *packet, int size, double *chunk_done, int *chunk_sent,
+                  long *totals);
 """
 
 
@@ -49,7 +54,8 @@ def builder() -> cffi.FFI:
         '#include "srtp_gcm.h"\n' + SOURCE.read_text(),
         sources=[str(path) for path in SOURCES],
         include_dirs=[str(SOURCE.parent)],
-        extra_compile_args=["-O2", "-std=gnu11"],
+        extra_compile_args=["-O2", "-std=gnu11", "-pthread"],
+        extra_link_args=["-pthread"],
     )
     return ffi
 
@@ -60,7 +66,12 @@ def build(output_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="spaces-native-") as work:
         library = Path(builder().compile(tmpdir=work, verbose=False))
         target = output_dir / library.name
-        shutil.copyfile(library, target)
+        # A new file renamed over the old one: a process that has the old module mapped
+        # (this one, through the package's import, or a running node) keeps its copy;
+        # writing into that file in place would crash it.
+        staging = output_dir / f".{library.name}.new"
+        shutil.copyfile(library, staging)
+        os.replace(staging, target)
     return target
 
 

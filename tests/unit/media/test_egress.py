@@ -19,6 +19,7 @@ from services.media.egress import (
     MAX_PLAINTEXT,
     EgressHandle,
     EgressPool,
+    FanoutHelpers,
     ShardPlan,
     sockaddr_bytes,
 )
@@ -195,6 +196,72 @@ def test_a_failed_protection_skips_only_that_listener(sender: socket.socket, nat
         REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"})
         == failures + 1
     )
+
+
+@pytest.mark.parametrize("gcm", [False, True], ids=["libsrtp", "native-aes-gcm"])
+@pytest.mark.parametrize("count", [3, 9, 21, 24])
+def test_a_split_fanout_reaches_every_listener_once_in_order(
+    sender: socket.socket, gcm: bool, count: int
+) -> None:
+    # 3 helpers: 4 runs of whole chunks of 4 (fewer when there are fewer chunks); one
+    # listener that refuses repeats sits in the last run, on a helper's thread.
+    helpers = FanoutHelpers(3)
+    try:
+        assert len(helpers) == 3
+        listeners = [Listener(gcm=gcm) for _ in range(count - 1)]
+        strict = Listener(repeat_tx=False)
+        protect = listeners[0].handle(sender.fileno()).protect_address
+        plan = ShardPlan(sender.fileno(), chunk=4, protect_address=protect, helpers=helpers)
+        for listener in listeners:
+            plan.add(listener.handle(sender.fileno()))
+        if not gcm:
+            plan.add(strict.handle(sender.fileno()))
+            listeners.append(strict)
+        expected = len(listeners)
+        observed = FORWARD_LATENCY.count()
+        packets = [
+            build_header(0, 111, 500 + seq, 960 * seq, 0x42) + bytes([seq]) * (40 + seq)
+            for seq in range(4)
+        ]
+        for packet in packets:
+            sent, nbytes = plan.fanout(packet, received=0.0)
+            assert sent == expected and nbytes > expected * len(packet)
+        for listener in listeners:
+            assert [listener.receive() for _ in packets] == packets
+            assert listener.received_nothing(), "each packet once"
+        assert FORWARD_LATENCY.count() == observed + expected * len(packets)
+        if not gcm:
+            failures = (
+                REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"})
+                or 0
+            )
+            assert plan.fanout(packets[-1], 0.0)[0] == expected - 1
+            assert strict.received_nothing()
+            assert (
+                REGISTRY.get_sample_value("spaces_media_packets_dropped_total", {"reason": "srtp"})
+                == failures + 1
+            )
+    finally:
+        helpers.close()
+        helpers.close()  # twice: no-op
+
+
+async def test_a_pool_with_split_fanouts_forwards_and_closes(sender: socket.socket) -> None:
+    pool = EgressPool(threads=1, chunk=2, split=3)
+    listeners = [Listener(gcm=True) for _ in range(7)]
+    handles = [listener.handle(sender.fileno()) for listener in listeners]
+    try:
+        assert pool.workers[0].helpers is not None and len(pool.workers[0].helpers) == 2
+        for handle in handles:
+            pool.attach(handle)
+            pool.join(1, handle)
+        packet = build_header(0, 111, 1, 0, 9) + b"s" * 20
+        pool.fanout(1, packet, 0.0)
+        await pool.flush()
+        assert all(listener.receive() == packet for listener in listeners)
+    finally:
+        pool.close()
+    assert pool.workers[0].helpers is None, "closing the pool stops the helper threads"
 
 
 @pytest.mark.parametrize("threads", [0, 2])
