@@ -492,7 +492,9 @@ class FanoutHelpers:
     worker's thread sends the first and each helper one other, at the same time, and the
     call returns when all are sent. The helpers are pthreads that never run Python, so
     they wait for no GIL; they exist to cut the time until the last listener's packet
-    leaves (the forwarding latency's tail), not the CPU per packet.
+    leaves (the forwarding latency's tail), not the CPU per packet. They are kept off the
+    CPU the worker's thread runs on (else the scheduler often wakes them there, and the
+    runs take turns), and a fan-out uses no more threads than there are CPUs.
 
     :param helpers: threads to start besides the worker's own.
     """
@@ -506,6 +508,12 @@ class FanoutHelpers:
 
     def __len__(self) -> int:
         return int(_NATIVE.lib.spaces_fanout_pool_size(self.pool))
+
+    @property
+    def parts(self) -> int:
+        """Threads a fan-out is split across at most: the caller and the helpers, but
+        no more than the CPUs this process may use."""
+        return int(_NATIVE.lib.spaces_fanout_pool_parts(self.pool))
 
     def close(self) -> None:
         """Stop the threads (no fan-out may be running or start after this)."""

@@ -111,7 +111,8 @@ class MediaSettings(ServiceSettings):
         description=(
             "Threads each fan-out is split across (the egress worker and native helper "
             "threads that never take the GIL), so the last listener's packet leaves "
-            "sooner; 1 sends from the worker alone. Default: 2."
+            "sooner; never more threads than CPUs; 1 sends from the worker alone. "
+            "Default: 2."
         ),
     )
     native_srtp: bool = Field(

@@ -27,6 +27,7 @@
 #endif
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -133,8 +134,30 @@ struct helper {
 
 struct spaces_fanout_pool {
     int helpers;
+    int cpus;            /* CPUs this process may run on */
+    cpu_set_t allowed;   /* which */
+    int caller_cpu;      /* the CPU the helpers were last kept off */
     struct helper helper[MAX_HELPERS];
 };
+
+/*
+ * Keep the helpers off the CPU the calling thread runs on. Left alone, the scheduler
+ * often wakes a helper on its waker's CPU (wake-affine: the waker looks about to sleep),
+ * and the two halves of the fan-out then take turns on one CPU: measured on 2 vCPUs, 42%
+ * of fan-outs, and most of the slow ones. The mask changes only when the caller has
+ * moved to another CPU.
+ */
+static void keep_helpers_off(struct spaces_fanout_pool *pool)
+{
+    int cpu = sched_getcpu();
+    if (cpu < 0 || cpu == pool->caller_cpu || !CPU_ISSET(cpu, &pool->allowed))
+        return;
+    cpu_set_t others = pool->allowed;
+    CPU_CLR(cpu, &others);
+    for (int h = 0; h < pool->helpers; h++)
+        pthread_setaffinity_np(pool->helper[h].thread, sizeof others, &others);
+    pool->caller_cpu = cpu;
+}
 
 static void *helper_main(void *arg)
 {
@@ -169,6 +192,10 @@ void *spaces_fanout_pool_new(int helpers)
     struct spaces_fanout_pool *pool = calloc(1, sizeof *pool);
     if (pool == NULL)
         return NULL;
+    if (sched_getaffinity(0, sizeof pool->allowed, &pool->allowed) != 0)
+        CPU_ZERO(&pool->allowed);
+    pool->cpus = CPU_COUNT(&pool->allowed);
+    pool->caller_cpu = -1;
     for (int h = 0; h < helpers; h++) {
         struct helper *helper = &pool->helper[h];
         pthread_mutex_init(&helper->lock, NULL);
@@ -187,6 +214,19 @@ void *spaces_fanout_pool_new(int helpers)
         return NULL;
     }
     return pool;
+}
+
+/* How many threads a fan-out is split across at most: the caller and the pool's helpers,
+ * but no more than there are CPUs to run them (a split on one CPU only adds switches). */
+int spaces_fanout_pool_parts(void *pool_address)
+{
+    struct spaces_fanout_pool *pool = pool_address;
+    if (pool == NULL)
+        return 1;
+    int parts = pool->helpers + 1;
+    if (parts > pool->cpus)
+        parts = pool->cpus;
+    return parts < 1 ? 1 : parts;
 }
 
 /* How many helper threads a pool runs. */
@@ -244,7 +284,7 @@ int spaces_fanout(void *pool_address, uintptr_t protect_address, int fd,
         .chunk_sent = chunk_sent,
     };
     int chunks = (count + chunk - 1) / chunk;
-    int parts = pool == NULL ? 1 : pool->helpers + 1;
+    int parts = spaces_fanout_pool_parts(pool);
     if (parts > chunks)
         parts = chunks;
 
@@ -254,6 +294,7 @@ int spaces_fanout(void *pool_address, uintptr_t protect_address, int fd,
         fanout_range(&job, 0, count, totals);
         return chunks;
     }
+    keep_helpers_off(pool);
     /* Runs of whole chunks: the first `extra` runs take one chunk more. */
     int per_part = chunks / parts, extra = chunks % parts;
     int own_end = (per_part + (extra > 0)) * chunk;
