@@ -1,8 +1,9 @@
 """The media fast path's C code, built by ``make`` (``build.py``) into ``build/gen`` as
-the cffi module ``_spaces_media_fanout``: the fan-out loop and SRTP AES-GCM protect.
+the cffi module ``_spaces_media_fanout``: the fan-out loop, SRTP AES-GCM protect and
+ICE consent STUN.
 
 :data:`MODULE` is that module, or ``None`` when it was not built (no C compiler); the
-egress path then runs its Python loop with libsrtp.
+egress path then runs its Python loop with libsrtp, and consent its Python STUN code.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Run by ``make`` (``python -m services.media.native.build [output_dir]``); the mo
 lands in ``build/gen`` beside the generated protos, which is on the import path. It
 needs a C compiler at build time only and links nothing but libc (and pthreads): libsrtp's
 ``srtp_protect`` is passed in at run time as pylibsrtp's own function pointer, and the
-module's own SRTP AES-GCM protect (``srtp_gcm.c``, AES-NI) is another such pointer. When the
-module is missing, :mod:`services.media.egress` runs the same loop in Python.
+module's own SRTP AES-GCM protect (``srtp_gcm.c``, AES-NI) is another such pointer. It also
+checks and builds ICE consent STUN (``stun.c``). When the module is missing,
+:mod:`services.media.egress` and :mod:`services.media.consent` run in Python.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import cffi  # type: ignore[import-untyped]
 
 MODULE = "_spaces_media_fanout"
 SOURCE = Path(__file__).with_name("fanout.c")
-SOURCES = [Path(__file__).with_name("srtp_gcm.c")]
+SOURCES = [Path(__file__).with_name("srtp_gcm.c"), Path(__file__).with_name("stun.c")]
 
-HEADER = SOURCE.with_name("srtp_gcm.h")
+HEADERS = [SOURCE.with_name("srtp_gcm.h"), SOURCE.with_name("stun.h")]
 FANOUT_CDEF = """
 void *spaces_fanout_pool_new(int helpers);
 int spaces_fanout_pool_size(void *pool_address);
@@ -49,10 +50,10 @@ def header_declarations(header: Path) -> str:
 def builder() -> cffi.FFI:
     """The cffi builder of the module (API mode, compiled from ``fanout.c``)."""
     ffi = cffi.FFI()
-    ffi.cdef(FANOUT_CDEF + header_declarations(HEADER))
+    ffi.cdef("\n".join([FANOUT_CDEF, *(header_declarations(header) for header in HEADERS)]))
     ffi.set_source(
         MODULE,
-        '#include "srtp_gcm.h"\n' + SOURCE.read_text(),
+        '#include "srtp_gcm.h"\n#include "stun.h"\n' + SOURCE.read_text(),
         sources=[str(path) for path in SOURCES],
         include_dirs=[str(SOURCE.parent)],
         extra_compile_args=["-O2", "-std=gnu11", "-pthread"],

@@ -1,5 +1,6 @@
-"""Consent messages agree with aioice's own STUN code, both ways; the checker expires a
-silent peer and keeps an answering one."""
+"""Consent messages agree with aioice's own STUN code, both ways, in C (``native/stun.c``)
+and in Python (``test_stun_native.py`` holds the two to the same bytes); the checker
+expires a silent peer and keeps an answering one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import pytest
 from aioice import stun
 
+from services.media import consent, native
 from services.media.consent import (
     CHECKS_PER_SLICE,
     ConsentChecker,
@@ -22,6 +24,18 @@ from services.media.consent import (
 
 LOCAL_PWD = b"local-password-0123456789"
 REMOTE_PWD = b"remote-password-0123456789"
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the C STUN code and with the Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(consent, "_NATIVE", None)
+    return str(request.param)
+
+
+def test_the_native_stun_code_is_built_and_used_by_default() -> None:
+    assert native.MODULE is not None, "make builds _spaces_media_fanout"
 
 
 def aioice_request(username: str, password: bytes, **extra: object) -> bytes:
