@@ -102,6 +102,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _microseconds(moment: datetime) -> int:
+    """Microseconds since the epoch (the time key of a page token)."""
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
 def fingerprint(request: Message) -> bytes:
     """A digest of a request without its idempotency key."""
     copy = type(request)()
@@ -861,7 +866,9 @@ class Rooms:
         size: int,
         token: str,
     ) -> pb.ListParticipantsResponse:
-        """ListParticipants."""
+        """ListParticipants: keyset pages, as ListSpaces (the token names the last
+        participant listed, so someone joining or leaving meanwhile never makes the others
+        repeat or go missing; one whose role changes moves to its new place)."""
         seen = await self.seen(space_id, caller)
         actor = domain.actor_of(seen.space, caller, seen.me) if caller else Actor.HOST
         moderator = actor in (Actor.HOST, Actor.CO_HOST)
@@ -869,11 +876,11 @@ class Rooms:
             raise domain.not_moderator()
         query = f"{space_id}|{sorted(int(r) for r in roles)}|{hands_only}"
         now = utcnow()
-        offset = self._pages.offset(token, query, now, None)
+        cursor = self._pages.after(token, query, now, None)
         size = size or 50
         async with self._store.transaction() as tx:
             rows = await tx.list_participants(
-                space_id, roles=roles, hands_only=hands_only, offset=offset, limit=size + 1
+                space_id, roles=roles, hands_only=hands_only, after=cursor, limit=size + 1
             )
         more = len(rows) > size
         rows = rows[:size]
@@ -882,9 +889,9 @@ class Rooms:
                 convert.participant_pb(
                     p, private=moderator or p.user_id == caller, self_view=p.user_id == caller
                 )
-                for p in rows
+                for p, _ in rows
             ],
-            next_page_token=self._pages.issue(query, offset + size, now) if more else "",
+            next_page_token=self._pages.issue_after(query, rows[-1][1], now) if more else "",
         )
 
     # --- moderation -------------------------------------------------------------------------
@@ -1135,9 +1142,12 @@ class Rooms:
         return message
 
     async def _lower_hands(self, tx: RoomsTx, space: Space) -> None:
-        raised = await tx.list_participants(
-            space.id, roles=[Role.LISTENER], hands_only=True, offset=0, limit=10_000
-        )
+        raised = [
+            p
+            for p, _ in await tx.list_participants(
+                space.id, roles=[Role.LISTENER], hands_only=True, after=None, limit=10_000
+            )
+        ]
         followed: set[str] = set()
         if space.speak_permission is SpeakPermission.FOLLOWED_BY_HOST:
             for p in raised:
@@ -1505,10 +1515,13 @@ class Rooms:
         """GetDiscoveryFeed: live Spaces around the people the user follows, then upcoming ones.
 
         The follow list comes from identity in one stream; the Spaces in one query; blocks
-        in one batch call. Tokens carry an offset into the feed and expire in 10 minutes.
+        in one batch call. The feed is built again for every page, so a token names the
+        last item's position (bucket, time, id), not an offset: a Space that starts, ends
+        or appears between two pages never makes the others repeat or go missing. Tokens
+        expire in 10 minutes.
         """
         now = utcnow()
-        offset = self._pages.offset(token, f"feed|{user_id}", now, FEED_TOKEN_TTL)
+        cursor = self._pages.after(token, f"feed|{user_id}", now, FEED_TOKEN_TTL)
         size = size or 20
         following = await self._identity.following_ids(user_id, FEED_MAX_FOLLOWING)
         if not following:
@@ -1517,9 +1530,9 @@ class Rooms:
         async with self._store.transaction() as tx:
             rows = await tx.feed_candidates(following, FEED_MAX_CANDIDATES)
         visible = await self._filter_visible([r.space for r in rows], user_id)
-        hosted: list[res.DiscoveryFeedItem] = []
-        participating: list[res.DiscoveryFeedItem] = []
-        upcoming: list[tuple[datetime, res.DiscoveryFeedItem]] = []
+        # (bucket, time key, id): hosted, then followed participating, newest first; then
+        # upcoming, soonest first.
+        feed: list[tuple[tuple[int, int, str], res.DiscoveryFeedItem]] = []
         for row in rows:
             space = row.space
             if space.id not in visible or space.host_id == user_id:
@@ -1529,37 +1542,38 @@ class Rooms:
             async with self._store.transaction() as tx:
                 message = await self._space_pb(tx, space, user_id)
             if space.state is State.LIVE:
-                if space.host_id in followed or on_stage_hosts:
-                    reason = res.DISCOVERY_REASON_HOSTED_BY_FOLLOWED
-                    bucket = hosted
-                else:
-                    reason = res.DISCOVERY_REASON_FOLLOWED_PARTICIPATING
-                    bucket = participating
-                bucket.append(
-                    res.DiscoveryFeedItem(
-                        space=message,
-                        reason=reason,
-                        followed_participants=[convert.user_name(u) for u in in_space[:3]],
-                        followed_participant_count=len(in_space),
+                hosted = space.host_id in followed or bool(on_stage_hosts)
+                started = _microseconds(space.start_time or space.create_time)
+                feed.append(
+                    (
+                        (0 if hosted else 1, -started, space.id),
+                        res.DiscoveryFeedItem(
+                            space=message,
+                            reason=res.DISCOVERY_REASON_HOSTED_BY_FOLLOWED
+                            if hosted
+                            else res.DISCOVERY_REASON_FOLLOWED_PARTICIPATING,
+                            followed_participants=[convert.user_name(u) for u in in_space[:3]],
+                            followed_participant_count=len(in_space),
+                        ),
                     )
                 )
             elif space.state is State.SCHEDULED and space.host_id in followed:
-                when = space.scheduled_start_time or space.create_time
-                upcoming.append(
+                when = _microseconds(space.scheduled_start_time or space.create_time)
+                feed.append(
                     (
-                        when,
+                        (2, when, space.id),
                         res.DiscoveryFeedItem(
                             space=message, reason=res.DISCOVERY_REASON_SCHEDULED_BY_FOLLOWED
                         ),
                     )
                 )
-        upcoming.sort(key=lambda entry: entry[0])
-        feed = hosted + participating + [item for _, item in upcoming]
-        page = feed[offset : offset + size]
-        more = offset + size < len(feed)
+        feed.sort(key=lambda entry: entry[0])
+        rest = [entry for entry in feed if cursor is None or entry[0] > cursor]
+        page = rest[:size]
+        more = len(rest) > size
         return pb.GetDiscoveryFeedResponse(
-            items=page,
-            next_page_token=self._pages.issue(f"feed|{user_id}", offset + size, now)
+            items=[item for _, item in page],
+            next_page_token=self._pages.issue_after(f"feed|{user_id}", page[-1][0], now)
             if more
             else "",
         )

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from psycopg import AsyncConnection
@@ -43,6 +43,7 @@ __all__ = [
     "PostgresSpaceStore",
     "PostgresTx",
     "RoomsTx",
+    "ParticipantKey",
     "SpaceKey",
     "SpaceStore",
 ]
@@ -97,9 +98,9 @@ class RoomsTx(Protocol):
         *,
         roles: Sequence[Role],
         hands_only: bool,
-        offset: int,
+        after: ParticipantKey | None,
         limit: int,
-    ) -> list[Participant]: ...
+    ) -> list[tuple[Participant, ParticipantKey]]: ...
     async def active_participants(self, space_id: str) -> list[Participant]: ...
     async def deactivate_all(self, space_id: str) -> list[Participant]: ...
     async def unique_participant_count(self, space_id: str) -> int: ...
@@ -188,6 +189,24 @@ _LIST_SORT_KEY = (
 
 SpaceKey = tuple[int, int, str]
 """A Space's position in ListSpaces order: (state group, time key, id)."""
+
+ParticipantKey = tuple[int, int, str]
+"""A participant's position in ListParticipants order: (role, join time in microseconds
+since the epoch, user id); for raised hands (0, hand raise time, user id)."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _participant_key(participant: Participant, hands_only: bool) -> ParticipantKey:
+    if hands_only:
+        assert participant.hand_raise_time is not None
+        return 0, (participant.hand_raise_time - _EPOCH) // _MICROSECOND, participant.user_id
+    return (
+        int(participant.role),
+        (participant.join_time - _EPOCH) // _MICROSECOND,
+        participant.user_id,
+    )
 
 
 def _space(row: Sequence[Any]) -> Space:
@@ -422,10 +441,12 @@ class PostgresTx:
         *,
         roles: Sequence[Role],
         hands_only: bool,
-        offset: int,
+        after: ParticipantKey | None,
         limit: int,
-    ) -> list[Participant]:
-        """A page of active participants: by role then join time, or raised hands oldest first."""
+    ) -> list[tuple[Participant, ParticipantKey]]:
+        """Active participants by role then join time, or raised hands oldest first, each
+        with its position; only those after ``after`` (keyset paging: someone who joins or
+        leaves meanwhile never makes the others repeat or go missing)."""
         role_values = [int(r) for r in roles] or [1, 2, 3, 4]
         if hands_only:
             order = "hand_raise_time, user_id"
@@ -433,12 +454,23 @@ class PostgresTx:
         else:
             order = "role, join_time, user_id"
             hands = ""
+        params: list[Any] = [space_id, role_values]
+        position = ""
+        if after is not None:
+            when = _EPOCH + after[1] * _MICROSECOND
+            if hands_only:
+                position = " AND (hand_raise_time, user_id) > (%s, %s)"
+                params += [when, after[2]]
+            else:
+                position = " AND (role, join_time, user_id) > (%s, %s, %s)"
+                params += [after[0], when, after[2]]
         rows = await self._all(
             f"SELECT {_PARTICIPANT_COLUMNS} FROM participants WHERE space_id = %s AND active"
-            f" AND role = ANY(%s){hands} ORDER BY {order} OFFSET %s LIMIT %s",
-            (space_id, role_values, offset, limit),
+            f" AND role = ANY(%s){hands}{position} ORDER BY {order} LIMIT %s",
+            (*params, limit),
         )
-        return [_participant(r) for r in rows]
+        listed = [_participant(r) for r in rows]
+        return [(p, _participant_key(p, hands_only)) for p in listed]
 
     async def active_participants(self, space_id: str) -> list[Participant]:
         """Everyone in the Space now."""

@@ -107,8 +107,8 @@ class PageTokens:
     ) -> tuple[int, int, str] | None:
         """The position a keyset token names (None for no token: the first page).
 
-        :raises InvalidArgument: PAGE_TOKEN_INVALID (malformed, forged, other query, an
-            offset token, too old).
+        :raises InvalidArgument: PAGE_TOKEN_INVALID (malformed, forged, other query, a
+            token of the offset paging this replaced, too old).
         """
         if not token:
             return None
@@ -122,23 +122,6 @@ class PageTokens:
         ):
             raise _invalid()
         return int(key[0]), int(key[1]), str(key[2])
-
-    def issue(self, query: str, offset: int, now: datetime) -> str:
-        """A token for the page starting at ``offset`` of ``query``."""
-        return self._signer.sign({"q": query, "o": offset, "t": int(now.timestamp())})
-
-    def offset(self, token: str, query: str, now: datetime, max_age: timedelta | None) -> int:
-        """The offset a token names (0 for no token).
-
-        :raises InvalidArgument: PAGE_TOKEN_INVALID (malformed, other query, too old).
-        """
-        if not token:
-            return 0
-        payload = self._open(token, query, now, max_age)
-        offset = payload.get("o")
-        if type(offset) is not int or offset < 0:
-            raise _invalid()
-        return offset
 
     def _open(
         self, token: str, query: str, now: datetime, max_age: timedelta | None

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -436,3 +437,94 @@ async def test_listener_joins_are_announced_only_while_the_space_is_small(
         ]
         assert counts
         watcher.call.cancel()
+
+
+# --- ListParticipants and the discovery feed: keyset pages -------------------------------
+
+
+async def participant_names(
+    rooms: RoomsHarness,
+    space: res.Space,
+    user: str,
+    between: list[Callable[[], Awaitable[None]]],
+    hands: bool = False,
+) -> list[str]:
+    """Every participant, page by page (size 2), running ``between.pop(0)`` between pages."""
+    names: list[str] = []
+    token = ""
+    while True:
+        page = await rooms.stub.ListParticipants(
+            pb.ListParticipantsRequest(
+                parent=space.name, page_size=2, page_token=token, hand_raised_only=hands
+            ),
+            metadata=rooms.as_user(user),
+        )
+        names += [p.user.removeprefix("users/") for p in page.participants]
+        token = page.next_page_token
+        if not token:
+            return names
+        if between:
+            await between.pop(0)()
+
+
+async def test_participant_pages_are_stable_under_joins_and_leaves(rooms: RoomsHarness) -> None:
+    host, *crowd = await rooms.users(10)
+    space = await rooms.create(host)
+    for user in crowd[:6]:
+        await rooms.join(space, user)
+
+    async def leave(user: str) -> None:
+        await rooms.stub.LeaveSpace(
+            pb.LeaveSpaceRequest(name=space.name), metadata=rooms.as_user(user)
+        )
+
+    async def join(user: str) -> None:
+        await rooms.join(space, user)
+
+    # After the first page (host, crowd[0]): one already listed leaves, which moved every
+    # later row up one place under offset paging (one was skipped); after the second,
+    # newcomers join at the end.
+    names = await participant_names(
+        rooms,
+        space,
+        host,
+        [lambda: leave(crowd[0]), lambda: join(crowd[6]), lambda: join(crowd[7])],
+    )
+    assert len(names) == len(set(names)), "someone was listed twice"
+    assert names[:2] == [host, crowd[0]]
+    assert names[2:] == [*crowd[1:6], crowd[6], crowd[7]], "nobody is skipped"
+
+    # Raised hands, oldest first, with the same guarantees.
+    for user in crowd[1:6]:
+        await rooms.stub.RequestToSpeak(
+            pb.RequestToSpeakRequest(name=space.name),
+            metadata=rooms.as_user(user),
+        )
+    hands = await participant_names(rooms, space, host, [lambda: leave(crowd[1])], hands=True)
+    assert hands == crowd[1:6]
+
+
+async def test_discovery_feed_pages_are_stable_when_a_space_starts(rooms: RoomsHarness) -> None:
+    me, *hosts = await rooms.users(5)
+    for host in hosts:
+        await rooms.follow(me, host)
+    live = [await rooms.create(host) for host in hosts[:3]]
+    names: list[str] = []
+    token = ""
+    started = False
+    while True:
+        page = await rooms.stub.GetDiscoveryFeed(
+            pb.GetDiscoveryFeedRequest(
+                name="users/me/discoveryFeed", page_size=1, page_token=token
+            ),
+            metadata=rooms.as_user(me),
+        )
+        names += [item.space.name for item in page.items]
+        token = page.next_page_token
+        if not token:
+            break
+        if not started:
+            # Newest first: it goes before everything read, which shifted an offset by one.
+            await rooms.create(hosts[3])
+            started = True
+    assert names == [s.name for s in reversed(live)], "no repeats, nobody skipped"
