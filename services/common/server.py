@@ -150,6 +150,12 @@ class Service:
         """Fully qualified names of the registered services."""
         return [r.descriptor.full_name for r in self._registrations]
 
+    def _connection_age_options(self) -> list[tuple[str, int]]:
+        """GOAWAY after ``max_connection_age_s``, with no deadline for the calls still in
+        flight (gRPC's grace is unbounded unless set): streams are never cut."""
+        age = self.settings.max_connection_age_s
+        return [] if age is None else [("grpc.max_connection_age_ms", int(age * 1000))]
+
     async def start(self) -> int:
         """Bind, start serving, run the start-up hooks, then report SERVING.
 
@@ -173,6 +179,7 @@ class Service:
                 # listeners reconnecting at once (a rooms restart) exceed that, so raise it.
                 ("grpc.server.max_pending_requests", 20_000),
                 ("grpc.server.max_pending_requests_hard_limit", 40_000),
+                *self._connection_age_options(),
             ],
         )
         self._server = server

@@ -107,6 +107,17 @@ class ServiceSettings(BaseSettings):
             "it. Default: 9100."
         ),
     )
+    max_connection_age_s: float | None = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Seconds (give or take a tenth, at random) after which the server asks a client "
+            "to open a new connection (HTTP/2 GOAWAY); calls in flight, streams too, finish "
+            "on the old one. Reconnecting, a client resolves the service's name again, so "
+            "calls spread over replicas started since (the chart's headless Services). "
+            "Unset: never. Default: 300."
+        ),
+    )
     shutdown_grace_s: float = Field(
         default=10.0,
         ge=0,

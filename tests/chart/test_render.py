@@ -192,6 +192,9 @@ def test_one_deployment_and_service_per_service(defaults: list[Manifest]) -> Non
         assert component_of(workload) == component
         service = named(defaults, "Service", f"{RELEASE}-{component}")
         selector = service["spec"]["selector"]
+        # gRPC Services are headless (clients balance over the pods); the gateway's not.
+        headless = service["spec"].get("clusterIP") == "None"
+        assert headless == (component != "gateway"), component
         pod_labels = workload["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= pod_labels.items()
         assert workload["spec"]["selector"]["matchLabels"] == selector

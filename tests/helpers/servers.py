@@ -20,12 +20,15 @@ from tests.helpers.tokens import TEST_INTERNAL_SECRET, SigningKey, jwks
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TestingService"].full_name
 
 
-def testing_settings(*, metrics: bool = False) -> ServiceSettings:
+def testing_settings(
+    *, metrics: bool = False, max_connection_age_s: float | None = None
+) -> ServiceSettings:
     return ServiceSettings(
         grpc_host="127.0.0.1",
         grpc_port=0,
         metrics_port=0 if metrics else None,
         shutdown_grace_s=1.0,
+        max_connection_age_s=max_connection_age_s,
     )
 
 
@@ -36,11 +39,11 @@ def build_testing_service(
     metrics: bool = False,
     secret: str = TEST_INTERNAL_SECRET,
     startup: Sequence[Hook] = (),
+    max_connection_age_s: float | None = None,
 ) -> Service:
     common = CommonSettings(internal_secret=SecretStr(secret))
-    service = Service(
-        name, testing_settings(metrics=metrics), common, jwks=StaticJwksSource(jwks(key))
-    )
+    settings = testing_settings(metrics=metrics, max_connection_age_s=max_connection_age_s)
+    service = Service(name, settings, common, jwks=StaticJwksSource(jwks(key)))
     issuer = ServiceTokenIssuer(name, secret)
     service.add_servicer(
         pb.DESCRIPTOR.services_by_name["TestingService"],

@@ -111,4 +111,4 @@ class TestingServicer(pb_grpc.TestingServiceServicer):
 
     async def Sleep(self, request: pb.SleepRequest, context_: Any) -> pb.SleepResponse:
         await asyncio.sleep(request.seconds)
-        return pb.SleepResponse()
+        return pb.SleepResponse(peer=context_.peer())

@@ -467,3 +467,23 @@ async def test_channel_token_reaches_every_call_kind(signing_key: SigningKey) ->
             assert (who.caller.kind, who.caller.subject) == ("service", "rooms")
             values = [reply.value async for reply in stub.Count(pb.CountRequest(n=3))]
             assert values == [1, 2, 3]
+
+
+async def test_clients_reconnect_after_the_max_connection_age_without_losing_calls(
+    signing_key: SigningKey,
+) -> None:
+    # Reconnecting is what makes a client resolve the service's name again (new replicas
+    # behind a headless Service get calls); a call in flight must finish meanwhile.
+    async with (
+        running_testing_service(signing_key, max_connection_age_s=0.3) as service,
+        plain_channel(service.port) as channel,
+    ):
+        stub = pb_grpc.TestingServiceStub(channel)
+        long_call = asyncio.ensure_future(stub.Sleep(pb.SleepRequest(seconds=1.5)))
+        peers = set()
+        for _ in range(12):
+            peers.add((await stub.Sleep(pb.SleepRequest(seconds=0))).peer)
+            await asyncio.sleep(0.15)
+        first_peer = (await long_call).peer
+        assert len(peers) >= 2, "the client kept one connection past the age"
+        assert first_peer in peers, "the long call finished on its first connection"
