@@ -419,6 +419,7 @@ class FastSfu:
                 egress_chunk=chunk,
                 egress_split=split,
                 native_srtp=native_srtp,
+                gc_freeze=True,  # as a node runs (MEDIA_GC_FREEZE)
             )
         )
         self.space = "bench"
@@ -584,7 +585,9 @@ async def measure(
     Growing to this count left hundreds of thousands of new objects (about 500 per
     session), and CPython's next full collection (which holds the GIL, so forwarding,
     for about 0.35 ms per session) would land in a window at random; it runs here, before
-    the warm-up, so the windows measure steady forwarding. Collections inside the windows
+    the warm-up, so the windows measure steady forwarding (the fast path freezes joined
+    sessions, as a node does, so it scans only what is not frozen yet; see
+    :mod:`services.media.collector`). Collections inside the windows
     are still counted and reported (``gc_pauses``, ``gc_pause_total_ms``, from the
     ``spaces_gc_pause_seconds`` histogram every service exports).
     """

@@ -53,6 +53,11 @@ class MediaConfig:
         within this time even while the event loop runs Python; ``None`` leaves it.
     :param consent_timeout: longest time until a peer that stopped answering consent
         checks (RFC 7675) is noticed and its session closed.
+    :param gc_freeze: freeze joined sessions out of CPython's full collections and reclaim
+        what closed ones left every ``gc_unfreeze_after_closed`` closes
+        (:class:`services.media.collector.CollectorPolicy`); off by default because it
+        freezes the whole process (a node turns it on).
+    :param gc_unfreeze_after_closed: closed sessions between two reclaims.
     :param native_srtp: protect listeners' RTP with the fast path's own AES-GCM code
         (:mod:`services.media.srtp_native`) when their profile is AES-GCM and this CPU
         can; ``False`` keeps libsrtp for everyone.
@@ -75,6 +80,8 @@ class MediaConfig:
     switch_interval: float | None = 0.001
     consent_timeout: float = 28.0
     native_srtp: bool = True
+    gc_freeze: bool = False
+    gc_unfreeze_after_closed: int = 500
 
     def __post_init__(self) -> None:
         if not 1 <= self.slot_count <= self.max_slots:

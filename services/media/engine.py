@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
 from services.media import aiortc_internals as internals
+from services.media.collector import CollectorPolicy
 from services.media.config import MediaConfig
 from services.media.egress import EgressPool
 from services.media.icemux import IceMux
@@ -108,6 +109,10 @@ class MediaEngine:
         self._watchers: dict[str, set[asyncio.Queue[list[SpeakerLevel]]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._switch_interval: float | None = None
+        self.collector = CollectorPolicy(
+            enabled=self.config.gc_freeze,
+            unfreeze_after_closed=self.config.gc_unfreeze_after_closed,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class MediaEngine:
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
+        self.collector.close()
         self.mux.close()
 
     async def __aenter__(self) -> MediaEngine:
@@ -178,6 +184,7 @@ class MediaEngine:
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        self.collector.closed()
         if self.on_session_state is not None:
             self.on_session_state(session, False)
 
@@ -250,6 +257,7 @@ class MediaEngine:
         session = Session(session_id, room, participant, layout, permissions)
         room.sessions[session_id] = session
         self._sessions[session_id] = session
+        self.collector.opened()
         session.connected.add_done_callback(lambda future: self._report_connected(session, future))
         try:
             answer = await session.peer.answer(sdp_offer)
@@ -423,6 +431,7 @@ class MediaEngine:
                 if now >= next_levels and self._watchers:
                     next_levels = now + self.config.levels_interval
                     self._publish_levels(now)
+                self.collector.tick()
             except Exception:
                 logger.exception("media housekeeping failed")
 

@@ -104,6 +104,22 @@ class MediaSettings(ServiceSettings):
     egress_threads: int = Field(
         default=1, ge=0, le=8, description="Egress worker threads (0: inline). Default: 1."
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description=(
+            "Freeze joined sessions out of CPython's full collections, which stop forwarding "
+            "while they run, and reclaim what closed sessions left in reference cycles once "
+            "MEDIA_GC_UNFREEZE_AFTER_CLOSED of them have closed. Default: true."
+        ),
+    )
+    gc_unfreeze_after_closed: int = Field(
+        default=500,
+        ge=1,
+        description=(
+            "Closed sessions whose cycles (about 80 KB each) wait before one full collection "
+            "reclaims them. Default: 500."
+        ),
+    )
     egress_split: int = Field(
         default=2,
         ge=1,
@@ -213,6 +229,8 @@ class MediaSettings(ServiceSettings):
             slot_count=self.slot_count,
             egress_threads=self.egress_threads,
             egress_split=self.egress_split,
+            gc_freeze=self.gc_freeze,
+            gc_unfreeze_after_closed=self.gc_unfreeze_after_closed,
             levels_interval=self.levels_interval_s,
             native_srtp=self.native_srtp,
         )
