@@ -33,7 +33,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import cffi  # type: ignore[import-untyped]
@@ -497,14 +497,19 @@ class FanoutHelpers:
     runs take turns), and a fan-out uses no more threads than there are CPUs.
 
     :param helpers: threads to start besides the worker's own.
+    :param fds: a socket for each helper to send on (:meth:`IceMux.send_sockets
+        <services.media.icemux.IceMux.send_sockets>`); helpers without one send on the
+        plan's.
     """
 
-    def __init__(self, helpers: int) -> None:
+    def __init__(self, helpers: int, fds: Sequence[int] = ()) -> None:
         if _NATIVE is None:
             raise RuntimeError("the native egress loop is not built")
         self.pool: Any = _NATIVE.lib.spaces_fanout_pool_new(helpers)
         if self.pool == _NATIVE.ffi.NULL:
             raise RuntimeError("could not start the fan-out helper threads")
+        for index, fd in enumerate(fds[: len(self)]):
+            _NATIVE.lib.spaces_fanout_pool_set_fd(self.pool, index, fd)
 
     def __len__(self) -> int:
         return int(_NATIVE.lib.spaces_fanout_pool_size(self.pool))
@@ -530,13 +535,26 @@ class EgressWorker:
     :param threaded: run jobs on a thread of its own; otherwise inline in ``submit``.
     :param split: threads each fan-out is split across: this worker's own and
         ``split - 1`` :class:`FanoutHelpers` (only with the native loop).
+    :param send_fds: sockets to send RTP on, the worker's first, then one per helper
+        (all on the mux's address and port, polled by nobody); without them, plans send
+        on the listeners' mux socket.
     """
 
-    def __init__(self, index: int, chunk: int, threaded: bool, split: int = 1) -> None:
+    def __init__(
+        self,
+        index: int,
+        chunk: int,
+        threaded: bool,
+        split: int = 1,
+        send_fds: Sequence[int] = (),
+    ) -> None:
         self.index = index
         self.chunk = chunk
         self.load = 0
-        self.helpers = FanoutHelpers(split - 1) if split > 1 and _NATIVE is not None else None
+        self.send_fd: int | None = send_fds[0] if send_fds else None
+        self.helpers = (
+            FanoutHelpers(split - 1, send_fds[1:]) if split > 1 and _NATIVE is not None else None
+        )
         # group id -> (socket, protect function) -> plan
         self._plans: dict[int, dict[tuple[int, int], ShardPlan]] = {}
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -594,7 +612,7 @@ class EgressWorker:
         plan = plans.get(key)
         if plan is None:
             plan = plans[key] = ShardPlan(
-                handle.fd,
+                handle.fd if self.send_fd is None else self.send_fd,
                 self.chunk,
                 hold_gil=self._thread is not None,
                 protect_address=handle.protect_address,
@@ -640,12 +658,24 @@ class EgressPool:
     :param chunk: listeners per ``sendmmsg`` call.
     :param split: threads each worker's fan-outs are split across (see
         :class:`FanoutHelpers`); 1 sends from the worker alone.
+    :param send_fds: ``split`` send sockets per worker (:meth:`IceMux.send_sockets
+        <services.media.icemux.IceMux.send_sockets>`), or none.
     """
 
-    def __init__(self, threads: int, chunk: int, split: int = 1) -> None:
+    def __init__(
+        self, threads: int, chunk: int, split: int = 1, send_fds: Sequence[int] = ()
+    ) -> None:
+        count = max(1, threads)
+        per_worker = split if len(send_fds) >= count * split else 0
         self.workers = [
-            EgressWorker(i, chunk, threaded=threads > 0, split=split)
-            for i in range(max(1, threads))
+            EgressWorker(
+                i,
+                chunk,
+                threaded=threads > 0,
+                split=split,
+                send_fds=send_fds[i * per_worker : (i + 1) * per_worker],
+            )
+            for i in range(count)
         ]
         self._group_workers: dict[int, dict[EgressWorker, int]] = {}
 

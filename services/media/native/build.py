@@ -28,6 +28,7 @@ FANOUT_CDEF = """
 void *spaces_fanout_pool_new(int helpers);
 int spaces_fanout_pool_size(void *pool_address);
 int spaces_fanout_pool_parts(void *pool_address);
+void spaces_fanout_pool_set_fd(void *pool_address, int index, int fd);
 void spaces_fanout_pool_free(void *pool_address);
 int spaces_fanout(void *pool_address, uintptr_t protect_address, int fd,
                   uintptr_t sessions_address, uintptr_t buffers_address, size_t stride,

@@ -122,6 +122,7 @@ static void fanout_range(const struct fanout_job *job, int start, int end, long 
 /* One helper thread and the run of listeners it is handed. */
 struct helper {
     pthread_t thread;
+    int fd; /* the socket this helper sends on, or -1 for the caller's */
     pthread_mutex_t lock;
     pthread_cond_t wake;
     pthread_cond_t idle;
@@ -168,11 +169,13 @@ static void *helper_main(void *arg)
             pthread_cond_wait(&helper->wake, &helper->lock);
         if (helper->stop)
             break;
-        const struct fanout_job *job = helper->job;
+        struct fanout_job job = *helper->job;
         int start = helper->start, end = helper->end;
+        if (helper->fd >= 0)
+            job.fd = helper->fd;
         pthread_mutex_unlock(&helper->lock);
         long totals[TOTAL_COUNT] = {0};
-        fanout_range(job, start, end, totals);
+        fanout_range(&job, start, end, totals);
         pthread_mutex_lock(&helper->lock);
         memcpy(helper->totals, totals, sizeof totals);
         helper->busy = 0;
@@ -198,6 +201,7 @@ void *spaces_fanout_pool_new(int helpers)
     pool->caller_cpu = -1;
     for (int h = 0; h < helpers; h++) {
         struct helper *helper = &pool->helper[h];
+        helper->fd = -1;
         pthread_mutex_init(&helper->lock, NULL);
         pthread_cond_init(&helper->wake, NULL);
         pthread_cond_init(&helper->idle, NULL);
@@ -227,6 +231,19 @@ int spaces_fanout_pool_parts(void *pool_address)
     if (parts > pool->cpus)
         parts = pool->cpus;
     return parts < 1 ? 1 : parts;
+}
+
+/* Let helper `index` send on its own socket (one on the same address and port as the
+ * caller's, that nothing polls): threads sending on one socket contend for it. */
+void spaces_fanout_pool_set_fd(void *pool_address, int index, int fd)
+{
+    struct spaces_fanout_pool *pool = pool_address;
+    if (pool == NULL || index < 0 || index >= pool->helpers)
+        return;
+    struct helper *helper = &pool->helper[index];
+    pthread_mutex_lock(&helper->lock);
+    helper->fd = fd;
+    pthread_mutex_unlock(&helper->lock);
 }
 
 /* How many helper threads a pool runs. */

@@ -23,6 +23,7 @@ from services.media.egress import (
     ShardPlan,
     sockaddr_bytes,
 )
+from services.media.icemux import IceMux
 from services.media.metrics import FORWARD_LATENCY
 from services.media.rtp import build_header
 from services.media.srtp_native import GcmSender, gcm_available
@@ -310,3 +311,27 @@ async def test_flush_returns_with_idle_threaded_workers() -> None:
         await asyncio.wait_for(pool.flush(), 2)
     finally:
         pool.close()
+
+
+async def test_workers_and_helpers_send_on_their_own_sockets_from_the_mux_port() -> None:
+    mux = IceMux("127.0.0.1")
+    await mux.start()
+    pool = EgressPool(threads=1, chunk=2, split=2, send_fds=mux.send_sockets(2))
+    listeners = [Listener(gcm=True) for _ in range(6)]
+    try:
+        worker = pool.workers[0]
+        assert worker.send_fd is not None and worker.send_fd != mux.fd
+        for listener in listeners:
+            handle = listener.handle(mux.fd)
+            pool.attach(handle)
+            pool.join(1, handle)
+        packet = build_header(0, 111, 1, 0, 9) + b"p" * 20
+        pool.fanout(1, packet, 0.0)
+        await pool.flush()
+        for listener in listeners:  # three on the worker's socket, three on the helper's
+            data, source = listener.sock.recvfrom(2048)
+            assert listener.rx.unprotect(data) == packet
+            assert source == ("127.0.0.1", mux.port)
+    finally:
+        pool.close()
+        mux.close()

@@ -4,6 +4,7 @@ binding requests."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -126,3 +127,36 @@ async def test_arrival_times_come_from_the_kernel(mux: IceMux, client: socket.so
     assert 0.045 < waited < 0.5
     loop.add_reader(mux.fd, mux._readable)
     await connection.close()
+
+
+async def test_send_sockets_share_the_port_and_never_take_its_traffic(mux: IceMux) -> None:
+    fds = mux.send_sockets(3)
+    assert len(fds) == 3, "this kernel takes SO_REUSEPORT and its BPF steering"
+    senders = [socket.socket(fileno=os.dup(fd)) for fd in fds]
+    arrived: list[bytes] = []
+    mux.dispatch = lambda data, address, received=0.0: arrived.append(data)  # type: ignore[method-assign]
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
+    try:
+        for i, client in enumerate(clients):  # 40 source ports: hashing would spread them
+            client.bind(("127.0.0.1", 0))
+            client.sendto(b"\x80\x6f" + bytes([i]), ("127.0.0.1", mux.port))
+        for _ in range(50):
+            if len(arrived) == len(clients):
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(arrived) == sorted(b"\x80\x6f" + bytes([i]) for i in range(40))
+        for sender in senders:
+            with pytest.raises(BlockingIOError):
+                sender.recv(2048)
+            # What they send comes from the mux's address and port.
+            sender.sendto(b"hi", clients[0].getsockname())
+            data, source = clients[0].recvfrom(2048)
+            assert (data, source) == (b"hi", ("127.0.0.1", mux.port))
+    finally:
+        for sock in [*clients, *senders]:
+            sock.close()
+
+
+async def test_a_second_mux_on_a_taken_port_fails_loudly(mux: IceMux) -> None:
+    with pytest.raises(OSError):
+        await IceMux("127.0.0.1", mux.port).start()
