@@ -141,6 +141,10 @@ async def test_an_oversized_frame_closes_only_that_connection(
 
 # -- fuzzed: the same rules for whatever Hypothesis makes up --------------------------------
 
+# Reproducible: the same examples every run, and no example database.
+_FUZZ = settings(
+    deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 _TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 _segments = st.one_of(
     st.binary(max_size=40).map(lambda raw: quote(raw, safe="")),
@@ -190,13 +194,7 @@ async def test_fuzzed_upgrades_and_frames_never_get_an_internal_error(
     loop = asyncio.get_running_loop()
     outcomes: Counter[str] = Counter()
 
-    @settings(
-        max_examples=60,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(_FUZZ, max_examples=60)
     @given(
         segment=_segments,
         suffix=_suffixes,
@@ -234,13 +232,7 @@ async def test_fuzzed_client_frames_leave_the_stream_flowing(
     loop = asyncio.get_running_loop()
     url = ws_url(streaming, "/v1/spaces/abc:watch")
 
-    @settings(
-        max_examples=40,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(_FUZZ, max_examples=40)
     @given(subprotocols=st.lists(st.sampled_from(["bearer", "junk"]), max_size=2), frames=_frames)
     def check(subprotocols: list[str], frames: list[bytes | str | None]) -> None:
         future = asyncio.run_coroutine_threadsafe(

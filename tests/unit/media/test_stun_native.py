@@ -10,24 +10,10 @@ import os
 import random
 
 import pytest
-from aioice import stun
 
 from services.media import consent, native
 from services.media.consent import binding_request, binding_success
-
-LOCAL_PWD = b"local-password-0123456789"
-REMOTE_PWD = b"remote-password-0123456789"
-
-
-def aioice_request(username: str, password: bytes, **extra: object) -> bytes:
-    message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    message.attributes["USERNAME"] = username
-    message.attributes["PRIORITY"] = 1853824767
-    for name, value in extra.items():
-        message.attributes[name] = value
-    message.add_message_integrity(password)
-    message.add_fingerprint()
-    return bytes(message)
+from tests.unit.media.test_consent import LOCAL_PWD, REMOTE_PWD, aioice_request
 
 
 def _python_and_native(function: str, *args: object) -> tuple[object, object]:
