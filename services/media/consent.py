@@ -350,7 +350,11 @@ class ConsentChecker:
 
     A check goes out every ``interval`` x 0.8-1.2 per session; a check still unanswered
     when the next one is due counts as a failure, and ``failures`` in a row expire the
-    session: a peer that vanished is noticed within ``failures x 1.2 x interval``.
+    session. Consent also runs out ``failures x 1.2 x interval`` (:attr:`timeout`) after
+    the last answer whatever the count: counting alone could take one more randomized
+    interval (a check unanswered since just after the last answer is counted only when
+    the next is due), past RFC 7675's 30 s. A session's next check is never scheduled
+    later than that moment.
 
     :param interval: mean time between checks of one session.
     :param failures: unanswered checks in a row that expire consent.
@@ -359,6 +363,7 @@ class ConsentChecker:
     def __init__(self, interval: float, failures: int) -> None:
         self.interval = interval
         self.failures = failures
+        self.timeout = failures * 1.2 * interval
         self._due: list[tuple[float, int, ConsentTarget]] = []
         self._order = itertools.count()
         self._pending: dict[bytes, ConsentTarget] = {}
@@ -420,19 +425,25 @@ class ConsentChecker:
         return True
 
     def _schedule(self, target: ConsentTarget) -> None:
-        delay = self.interval * (0.8 + 0.4 * random.random())
-        heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), target))
+        due = time.monotonic() + self.interval * (0.8 + 0.4 * random.random())
+        due = min(due, target.last_answer + self.timeout)
+        heapq.heappush(self._due, (due, next(self._order), target))
 
     def _fail(self, target: ConsentTarget) -> None:
         target.failures += 1
         if target.on_miss is not None:
             target.on_miss(target.pending_address)
-        if target.failures >= self.failures and target.active:
-            self.untrack(target)
-            try:
-                target.expired()
-            except Exception:
-                logger.exception("consent expiry callback failed")
+        if target.failures >= self.failures:
+            self._expire(target)
+
+    def _expire(self, target: ConsentTarget) -> None:
+        if not target.active:
+            return
+        self.untrack(target)
+        try:
+            target.expired()
+        except Exception:
+            logger.exception("consent expiry callback failed")
 
     def _check(self, target: ConsentTarget) -> None:
         if target.pending is not None:
@@ -441,6 +452,9 @@ class ConsentChecker:
             self._fail(target)
             if not target.active:
                 return
+        if time.monotonic() - target.last_answer >= self.timeout:
+            self._expire(target)
+            return
         check = target.check()
         if check is None:  # nothing to check right now; again later
             self._schedule(target)

@@ -192,9 +192,13 @@ def test_one_deployment_and_service_per_service(defaults: list[Manifest]) -> Non
         assert component_of(workload) == component
         service = named(defaults, "Service", f"{RELEASE}-{component}")
         selector = service["spec"]["selector"]
-        # gRPC Services are headless (clients balance over the pods); the gateway's not.
-        headless = service["spec"].get("clusterIP") == "None"
-        assert headless == (component != "gateway"), component
+        assert service["spec"].get("clusterIP") != "None", "clusterIP cannot change on upgrade"
+        if component != "gateway":
+            # What the services call: headless, so clients balance over the pods.
+            grpc_service = named(defaults, "Service", f"{RELEASE}-{component}-grpc")["spec"]
+            assert grpc_service["clusterIP"] == "None"
+            assert grpc_service["selector"] == service["spec"]["selector"]
+            assert [p["name"] for p in grpc_service["ports"]] == ["grpc"], "scraped once"
         pod_labels = workload["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= pod_labels.items()
         assert workload["spec"]["selector"]["matchLabels"] == selector
@@ -354,7 +358,7 @@ def test_secret_names_and_keys_come_from_values(rendered: dict[str, list[Manifes
 def test_configmap_wires_addresses_ports_and_otlp(rendered: dict[str, list[Manifest]]) -> None:
     data = named(rendered["defaults"], "ConfigMap", f"{RELEASE}-config")["data"]
     for component in GRPC_COMPONENTS:
-        assert data[f"SPACES_{component.upper()}_ADDR"] == f"{RELEASE}-{component}:50051"
+        assert data[f"SPACES_{component.upper()}_ADDR"] == f"{RELEASE}-{component}-grpc:50051"
         assert data[f"{component.upper()}_GRPC_PORT"] == "50051"
     assert {data[f"{c.upper()}_METRICS_PORT"] for c in COMPONENTS} == {"9100"}
     assert data["GATEWAY_HTTP_PORT"] == "8080"

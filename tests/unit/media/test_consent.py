@@ -149,6 +149,36 @@ async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() ->
     await checker.stop()
 
 
+async def test_consent_runs_out_within_the_timeout_of_the_last_answer() -> None:
+    """RFC 7675: stop within 30 s of the last answer. Counting misses alone could take one
+    more randomized interval; the timeout bounds it whatever the draws."""
+    checker = ConsentChecker(interval=0.05, failures=5)
+    assert checker.timeout == pytest.approx(0.3)
+    expired_at: list[float] = []
+    targets = [
+        ConsentTarget(
+            check=lambda: (
+                binding_request(os.urandom(12), "r:l", 1, 2, REMOTE_PWD),
+                REMOTE_PWD,
+                ("127.0.0.1", 9),
+            ),
+            send=lambda data, address: None,  # never answered
+            expired=lambda: expired_at.append(time.monotonic()),
+        )
+        for _ in range(40)
+    ]
+    checker.start()
+    started = time.monotonic()
+    for target in targets:
+        target.last_answer = started
+        checker.track(target)
+    await asyncio.sleep(0.6)
+    await checker.stop()
+    assert len(expired_at) == 40
+    # The timer may fire a little late on a loaded machine; never a whole interval late.
+    assert max(expired_at) - started <= checker.timeout + 0.04
+
+
 async def test_a_round_of_checks_goes_out_in_slices_between_other_callbacks() -> None:
     """Ingress runs on the same loop: a round of many checks must not hold it."""
     checker = ConsentChecker(interval=0.05, failures=100)
