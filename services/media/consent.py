@@ -16,8 +16,9 @@ an ICE restart) still goes to aioice.
   100 µs of Python and OpenSSL set-up on a cold cache, on its own event-loop wake-up. The
   Python code here is the reference the tests hold the C to, and the fallback.
 * :class:`ConsentChecker` sends the node's checks for every tracked session on one timer
-  and counts unanswered ones; after ``failures`` in a row it calls the session's expiry
-  callback (RFC 7675: stop sending within 30 s of the last answer).
+  and counts unanswered ones; after ``failures`` in a row, or its timeout after the last
+  answer, it calls the session's expiry callback (RFC 7675: stop sending within 30 s of
+  the last answer).
 """
 
 from __future__ import annotations
@@ -330,6 +331,8 @@ class ConsentTarget:
     :ivar expired: called once when consent is lost.
     :ivar on_answer: called with the address of every answered check.
     :ivar on_miss: called with the address of every check left unanswered.
+    :ivar last_answer: when consent was last confirmed (``time.monotonic()``): the last
+        answer, or the last round with nothing to check.
     """
 
     check: Callable[[], tuple[bytes, bytes, tuple[str, int]] | None]
@@ -452,12 +455,16 @@ class ConsentChecker:
             self._fail(target)
             if not target.active:
                 return
-        if time.monotonic() - target.last_answer >= self.timeout:
-            self._expire(target)
-            return
         check = target.check()
-        if check is None:  # nothing to check right now; again later
+        now = time.monotonic()
+        if check is None:
+            # Nothing to check right now (no nominated pair on the mux): consent is not
+            # being assessed, so its clock stands still; again later.
+            target.last_answer = now
             self._schedule(target)
+            return
+        if now - target.last_answer >= self.timeout:
+            self._expire(target)
             return
         request, password, address = check
         transaction_id = request[8:20]

@@ -235,9 +235,10 @@ class ShardPlan:
         self.native = _NATIVE is not None if native is None else native
         if self.native and _NATIVE is None:
             raise RuntimeError("the native egress loop is not built")
-        self._pool: Any = helpers.pool if helpers is not None and self.native else None
-        if self._pool is None and _NATIVE is not None:
-            self._pool = _NATIVE.ffi.NULL
+        # The C loop takes NULL for "no helpers"; the Python loop never looks.
+        self._pool: Any = (
+            helpers.pool if helpers is not None and self.native else _NATIVE and _NATIVE.ffi.NULL
+        )
         if libsrtp:
             self._protect: Any = srtp_protect_holding_gil if self.hold_gil else srtp_protect
         else:
@@ -658,15 +659,21 @@ class EgressPool:
     :param chunk: listeners per ``sendmmsg`` call.
     :param split: threads each worker's fan-outs are split across (see
         :class:`FanoutHelpers`); 1 sends from the worker alone.
-    :param send_fds: ``split`` send sockets per worker (:meth:`IceMux.send_sockets
-        <services.media.icemux.IceMux.send_sockets>`), or none.
+    :param send_sockets: makes ``n`` sockets to send on (:meth:`IceMux.send_sockets
+        <services.media.icemux.IceMux.send_sockets>`): the pool asks for ``split`` per
+        worker, and without them (or all of them) plans send on the listeners' socket.
     """
 
     def __init__(
-        self, threads: int, chunk: int, split: int = 1, send_fds: Sequence[int] = ()
+        self,
+        threads: int,
+        chunk: int,
+        split: int = 1,
+        send_sockets: Callable[[int], Sequence[int]] | None = None,
     ) -> None:
         count = max(1, threads)
-        per_worker = split if len(send_fds) >= count * split else 0
+        send_fds = send_sockets(count * split) if send_sockets is not None else ()
+        per_worker = split if len(send_fds) == count * split else 0
         self.workers = [
             EgressWorker(
                 i,

@@ -128,12 +128,11 @@ class MediaEngine:
             if sys.getswitchinterval() > self.config.switch_interval:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(self.config.switch_interval)
-        split = self.config.egress_split
         self.pool = EgressPool(
             self.config.egress_threads,
             self.config.egress_chunk,
-            split,
-            self.mux.send_sockets(max(1, self.config.egress_threads) * split),
+            self.config.egress_split,
+            self.mux.send_sockets,
         )
         self._task = asyncio.create_task(self._housekeeping(), name="media-housekeeping")
 

@@ -61,7 +61,7 @@ from services.rooms.domain import (
 )
 from services.rooms.settings import RoomsSettings
 from services.rooms.store import RoomsTx, SpaceStore
-from services.rooms.tokens import JoinLinks, PageTokens
+from services.rooms.tokens import JoinLinks, PageTokens, time_key
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ class LiveWatch(Protocol):
 def utcnow() -> datetime:
     """Now, in UTC (microsecond precision, as PostgreSQL keeps it)."""
     return datetime.now(UTC)
-
-
-def _microseconds(moment: datetime) -> int:
-    """Microseconds since the epoch (the time key of a page token)."""
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 def fingerprint(request: Message) -> bytes:
@@ -1543,7 +1538,7 @@ class Rooms:
                 message = await self._space_pb(tx, space, user_id)
             if space.state is State.LIVE:
                 hosted = space.host_id in followed or bool(on_stage_hosts)
-                started = _microseconds(space.start_time or space.create_time)
+                started = time_key(space.start_time or space.create_time)
                 feed.append(
                     (
                         (0 if hosted else 1, -started, space.id),
@@ -1558,7 +1553,7 @@ class Rooms:
                     )
                 )
             elif space.state is State.SCHEDULED and space.host_id in followed:
-                when = _microseconds(space.scheduled_start_time or space.create_time)
+                when = time_key(space.scheduled_start_time or space.create_time)
                 feed.append(
                     (
                         (2, when, space.id),

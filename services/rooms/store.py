@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from psycopg import AsyncConnection
@@ -34,6 +34,7 @@ from services.rooms.domain import (
     State,
     Visibility,
 )
+from services.rooms.tokens import moment_of, time_key
 
 logger = logging.getLogger(__name__)
 
@@ -194,19 +195,12 @@ ParticipantKey = tuple[int, int, str]
 """A participant's position in ListParticipants order: (role, join time in microseconds
 since the epoch, user id); for raised hands (0, hand raise time, user id)."""
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
 
 def _participant_key(participant: Participant, hands_only: bool) -> ParticipantKey:
     if hands_only:
         assert participant.hand_raise_time is not None
-        return 0, (participant.hand_raise_time - _EPOCH) // _MICROSECOND, participant.user_id
-    return (
-        int(participant.role),
-        (participant.join_time - _EPOCH) // _MICROSECOND,
-        participant.user_id,
-    )
+        return 0, time_key(participant.hand_raise_time), participant.user_id
+    return int(participant.role), time_key(participant.join_time), participant.user_id
 
 
 def _space(row: Sequence[Any]) -> Space:
@@ -457,7 +451,7 @@ class PostgresTx:
         params: list[Any] = [space_id, role_values]
         position = ""
         if after is not None:
-            when = _EPOCH + after[1] * _MICROSECOND
+            when = moment_of(after[1])
             if hands_only:
                 position = " AND (hand_raise_time, user_id) > (%s, %s)"
                 params += [when, after[2]]

@@ -20,7 +20,21 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JoinLinks", "PageTokens"]
+__all__ = ["JoinLinks", "PageTokens", "moment_of", "time_key"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def time_key(moment: datetime) -> int:
+    """A moment as a page token's time key: microseconds since the epoch (exact for
+    PostgreSQL's timestamps)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def moment_of(key: int) -> datetime:
+    """The moment a :func:`time_key` stands for."""
+    return _EPOCH + key * _MICROSECOND
 
 
 def _b64(data: bytes) -> str:

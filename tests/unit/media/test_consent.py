@@ -172,11 +172,16 @@ async def test_consent_runs_out_within_the_timeout_of_the_last_answer() -> None:
     for target in targets:
         target.last_answer = started
         checker.track(target)
+    # One more with nothing to check (its pair is not on the mux): never expired by time.
+    idle = ConsentTarget(check=lambda: None, send=lambda data, address: None, expired=lambda: 1 / 0)
+    idle.last_answer = started
+    checker.track(idle)
     await asyncio.sleep(0.6)
     await checker.stop()
     assert len(expired_at) == 40
     # The timer may fire a little late on a loaded machine; never a whole interval late.
     assert max(expired_at) - started <= checker.timeout + 0.04
+    assert idle.active, "no check sent, so none unanswered"
 
 
 async def test_a_round_of_checks_goes_out_in_slices_between_other_callbacks() -> None:

@@ -316,11 +316,12 @@ async def test_flush_returns_with_idle_threaded_workers() -> None:
 async def test_workers_and_helpers_send_on_their_own_sockets_from_the_mux_port() -> None:
     mux = IceMux("127.0.0.1")
     await mux.start()
-    pool = EgressPool(threads=1, chunk=2, split=2, send_fds=mux.send_sockets(2))
+    pool = EgressPool(threads=1, chunk=2, split=2, send_sockets=mux.send_sockets)
     listeners = [Listener(gcm=True) for _ in range(6)]
     try:
         worker = pool.workers[0]
         assert worker.send_fd is not None and worker.send_fd != mux.fd
+        assert len(mux._send_socks) == 2, "one for the worker, one for its helper"
         for listener in listeners:
             handle = listener.handle(mux.fd)
             pool.attach(handle)
