@@ -412,13 +412,21 @@ class FastSfu:
 
     name = "fast"
 
-    def __init__(self, threads: int, chunk: int, split: int, native_srtp: bool = True) -> None:
+    def __init__(
+        self,
+        threads: int,
+        chunk: int,
+        split: int,
+        native_srtp: bool = True,
+        consent_plane: bool = True,
+    ) -> None:
         self.engine = MediaEngine(
             MediaConfig(
                 egress_threads=threads,
                 egress_chunk=chunk,
                 egress_split=split,
                 native_srtp=native_srtp,
+                consent_plane=consent_plane,
                 gc_freeze=True,  # as a node runs (MEDIA_GC_FREEZE)
             )
         )
@@ -687,6 +695,7 @@ def summary_line(row: dict[str, Any]) -> str:
         f"{row['pps_per_core']:>8} pps/core, "
         f"p50 {row['forward_p50_ms']:7.3f} ms, p99 {row['forward_p99_ms']:7.3f} ms, "
         f"delivered {row['delivered_ratio']:.3f}, cpu {row['cpu_share']:.2f} core"
+        + (f", idle {row['idle_cpu_share']:.3f} core" if row.get("idle_cpu_share") else "")
     )
 
 
@@ -819,14 +828,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Ablations: the same fast path at the largest count with one speaker, with one
         # part taken out: libsrtp protecting every listener instead of the native AES-GCM,
-        # or each fan-out sent from the egress thread alone.
-        ablations: list[tuple[str, int, bool]] = []
+        # each fan-out sent from the egress thread alone, or consent kept on the event
+        # loop instead of the consent plane's thread.
+        ablations: list[tuple[str, int, bool, bool]] = []
         if args.libsrtp_row and args.native_srtp:
-            ablations.append(("fast-libsrtp", args.split, False))
+            ablations.append(("fast-libsrtp", args.split, False, True))
         if args.unsplit_row and args.split > 1:
-            ablations.append(("fast-unsplit", 1, args.native_srtp))
-        for name, split, native_srtp in ablations:
-            ablation = FastSfu(args.threads, args.chunk, split, native_srtp)
+            ablations.append(("fast-unsplit", 1, args.native_srtp, True))
+        if args.loop_consent_row:
+            ablations.append(("fast-loop-consent", args.split, args.native_srtp, False))
+        for name, split, native_srtp, consent_plane in ablations:
+            ablation = FastSfu(args.threads, args.chunk, split, native_srtp, consent_plane)
             await ablation.start()
             await speaker_proc.connect(1, True, ablation.publish)
             await grow(ablation, procs, args.steps[-1], args.batch)
@@ -834,9 +846,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 ablation, procs, args.steps[-1], 1, args.warmup, args.seconds, args.repeats
             )
             row["sfu"] = name
+            await speaker_proc.call("close")
+            await asyncio.sleep(args.warmup)
+            row["idle_cpu_share"] = round(await idle_cpu_share(args.seconds), 3)
             print(summary_line(row), flush=True)
             rows.append(row)
-            await speaker_proc.call("close")
             for proc in procs:
                 await proc.call("close")
                 proc.count = 0
@@ -877,6 +891,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
     full = next((r for r in rows if r["sfu"] == "fast-all"), None)
     libsrtp = next((r for r in rows if r["sfu"] == "fast-libsrtp"), None)
     unsplit = next((r for r in rows if r["sfu"] == "fast-unsplit"), None)
+    loop_consent = next((r for r in rows if r["sfu"] == "fast-loop-consent"), None)
     stock_rows = [r for r in rows if r["sfu"] == "stock"]
     kept_up = [r for r in stock_rows if sustained(r)] or stock_rows
     stock = kept_up[-1] if kept_up else None
@@ -928,6 +943,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
         else None,
         "fast_unsplit_forward_p50_ms": unsplit["forward_p50_ms"] if unsplit else None,
         "fast_unsplit_forward_p99_ms": unsplit["forward_p99_ms"] if unsplit else None,
+        **{
+            f"fast_loop_consent_{key}": loop_consent[key] if loop_consent else None
+            for key in ("us_per_listener_packet", "forward_p99_ms", "idle_cpu_share")
+        },
         "stock_listeners": stock["listeners"] if stock else 0,
         "stock_speakers": args.stock_speakers,
         "stock_sustained": bool(stock and sustained(stock)),
@@ -1202,6 +1221,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--libsrtp-row",
         action="store_true",
         help="also run the fast path with libsrtp for every listener (largest count)",
+    )
+    parser.add_argument(
+        "--loop-consent-row",
+        action="store_true",
+        help="also run the fast path with consent on the event loop (largest count)",
     )
     parser.add_argument(
         "--native-srtp",

@@ -58,6 +58,9 @@ class MediaConfig:
         (:class:`services.media.collector.CollectorPolicy`); off by default because it
         freezes the whole process (a node turns it on).
     :param gc_unfreeze_after_closed: closed sessions between two reclaims.
+    :param consent_plane: keep connected sessions' ICE consent on a native thread (see
+        :mod:`services.media.consent_plane`) instead of the event loop, where the native
+        module is built and the kernel steers STUN to it.
     :param native_srtp: protect listeners' RTP with the fast path's own AES-GCM code
         (:mod:`services.media.srtp_native`) when their profile is AES-GCM and this CPU
         can; ``False`` keeps libsrtp for everyone.
@@ -80,6 +83,7 @@ class MediaConfig:
     switch_interval: float | None = 0.001
     consent_timeout: float = 28.0
     native_srtp: bool = True
+    consent_plane: bool = True
     gc_freeze: bool = False
     gc_unfreeze_after_closed: int = 500
 

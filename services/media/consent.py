@@ -36,9 +36,12 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.media import native
+
+if TYPE_CHECKING:
+    from services.media.consent_plane import ConsentPlane
 
 logger = logging.getLogger(__name__)
 
@@ -359,13 +362,19 @@ class ConsentChecker:
     the next is due), past RFC 7675's 30 s. A session's next check is never scheduled
     later than that moment.
 
+    With a consent ``plane``, the answers to the checks are taken on its thread
+    (:meth:`~services.media.consent_plane.ConsentPlane.expect`) and applied at the start
+    of every round, before any check is judged unanswered.
+
     :param interval: mean time between checks of one session.
     :param failures: unanswered checks in a row that expire consent.
+    :param plane: the consent plane that takes the answers, if any.
     """
 
-    def __init__(self, interval: float, failures: int) -> None:
+    def __init__(self, interval: float, failures: int, plane: ConsentPlane | None = None) -> None:
         self.interval = interval
         self.failures = failures
+        self.plane = plane
         self.timeout = failures * 1.2 * interval
         self._due: list[tuple[float, int, ConsentTarget]] = []
         self._order = itertools.count()
@@ -401,8 +410,13 @@ class ConsentChecker:
     def untrack(self, target: ConsentTarget) -> None:
         """Stop checking ``target`` (it closed)."""
         target.active = False
+        self._forget_pending(target)
+
+    def _forget_pending(self, target: ConsentTarget) -> None:
         if target.pending is not None:
             self._pending.pop(target.pending, None)
+            if self.plane is not None:
+                self.plane.unexpect(target.pending)
             target.pending = None
 
     def answered(self, data: bytes) -> bool:
@@ -416,16 +430,32 @@ class ConsentChecker:
         if parsed is None:
             return True  # ours, but forged or corrupt: as if lost
         transaction_id, success = parsed
-        del self._pending[transaction_id]
+        self._apply(transaction_id, success, time.monotonic())
+        return True
+
+    def take_answers(self) -> None:
+        """Apply the answers the consent plane took since the last call."""
+        if self.plane is None:
+            return
+        for transaction_id, success, when in self.plane.take():
+            try:
+                self._apply(transaction_id, success, when)
+            except Exception:
+                logger.exception("consent answer failed")
+
+    def _apply(self, transaction_id: bytes, success: bool, when: float) -> None:
+        """The answer to the check ``transaction_id`` arrived at ``when``."""
+        target = self._pending.pop(transaction_id, None)
+        if target is None:
+            return  # given up on meanwhile
         target.pending = None
         if success:
             target.failures = 0
-            target.last_answer = time.monotonic()
+            target.last_answer = max(target.last_answer, when)
             if target.on_answer is not None:
                 target.on_answer(target.pending_address)
         else:
             self._fail(target)
-        return True
 
     def _schedule(self, target: ConsentTarget) -> None:
         due = time.monotonic() + self.interval * (0.8 + 0.4 * random.random())
@@ -450,8 +480,7 @@ class ConsentChecker:
 
     def _check(self, target: ConsentTarget) -> None:
         if target.pending is not None:
-            self._pending.pop(target.pending, None)
-            target.pending = None
+            self._forget_pending(target)
             self._fail(target)
             if not target.active:
                 return
@@ -472,6 +501,9 @@ class ConsentChecker:
         target.pending_key = password
         target.pending_address = address
         self._pending[transaction_id] = target
+        # Before sending: the answer may come back before send() returns.
+        if self.plane is not None and not self.plane.expect(transaction_id, password):
+            logger.warning("the consent plane cannot take an answer; it reaches the loop")
         target.send(request, address)
         self._schedule(target)
 
@@ -490,6 +522,7 @@ class ConsentChecker:
 
     def _tick(self) -> None:
         self._timer = None
+        self.take_answers()
         # Checks due within the slack go out now too: a few wake-ups a second for
         # thousands of sessions instead of one per check.
         horizon = time.monotonic() + min(_SLACK_S, self.interval / 10)

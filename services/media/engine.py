@@ -100,7 +100,12 @@ class MediaEngine:
         self.on_session_state: Callable[[Session, bool], None] | None = None
         """Called with ``(session, True)`` once a session forwards and ``(session, False)``
         once it has closed (a session that never connected is reported closed only)."""
-        self.mux = IceMux(self.config.host, self.config.port, self.config.announce)
+        self.mux = IceMux(
+            self.config.host,
+            self.config.port,
+            self.config.announce,
+            consent_plane=self.config.consent_plane,
+        )
         self.pool: EgressPool | None = None
         self._rooms: dict[str, Room] = {}
         self._ended: set[str] = set()

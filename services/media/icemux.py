@@ -75,6 +75,7 @@ from services.media.consent import (
     binding_success,
     parse_binding_request,
 )
+from services.media.consent_plane import ConsentPlane
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,20 @@ _READ_BUDGET = 256
 _MAX_DATAGRAM = 4096
 _SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value
 _SO_ATTACH_REUSEPORT_CBPF = 51  # Linux
-# A classic BPF program of one instruction, "return 0": the reuseport group hands every
-# datagram to its first socket (the mux's), never to the send sockets that joined later.
+# Classic BPF programs choosing the socket of the port's reuseport group (the program sees
+# the UDP payload). "return 0": every datagram to the first socket (the mux's), never to
+# the send sockets that joined later.
 _FIRST_SOCKET_PROGRAM = struct.pack("HBBI", 0x06, 0, 0, 0)
+# "A = first byte; if A >= 2 return 0 else return 1": STUN (first byte 0 or 1, RFC 7983)
+# to the second socket (the consent plane's), everything else to the mux's.
+_STUN_TO_SECOND_PROGRAM = b"".join(
+    (
+        struct.pack("HBBI", 0x30, 0, 0, 0),  # ldb [0]
+        struct.pack("HBBI", 0x35, 1, 0, 2),  # jge #2, +1
+        struct.pack("HBBI", 0x06, 0, 0, 1),  # ret #1
+        struct.pack("HBBI", 0x06, 0, 0, 0),  # ret #0
+    )
+)
 _SCM_TIMESTAMPNS = _SO_TIMESTAMPNS
 _TIMESPEC = struct.Struct("=qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
@@ -130,6 +142,8 @@ class MuxedStunProtocol(StunProtocol):
         """When a check of ours to each address last succeeded (``time.monotonic()``)."""
         self.consent: ConsentTarget | None = None
         """The session's consent, while the mux keeps it (connected, pair on the mux)."""
+        self.answering: tuple[Address, str, str] | None = None
+        """What the consent plane answers checks for: (address, local ufrag, password)."""
         transport = mux.transport
         assert transport is not None, "start() the mux first"
         self.transport = transport
@@ -213,9 +227,14 @@ class IceMux:
     :param host: the address to bind (and to announce, unless ``announce`` is given).
     :param port: the UDP port; 0 picks a free one.
     :param announce: the address written into candidates (e.g. a node's public IP).
+    :param consent_plane: keep connected sessions' consent on a native thread
+        (:class:`~services.media.consent_plane.ConsentPlane`) when the native module is
+        built and the kernel steers STUN to it; else on the event loop.
     """
 
-    def __init__(self, host: str, port: int = 0, announce: str | None = None) -> None:
+    def __init__(
+        self, host: str, port: int = 0, announce: str | None = None, consent_plane: bool = True
+    ) -> None:
         self.host = host
         self.port = port
         self.announce = announce or host
@@ -230,6 +249,9 @@ class IceMux:
         self._by_ufrag: dict[str, MuxedStunProtocol] = {}
         self._protocols: set[MuxedStunProtocol] = set()
         self.consent: ConsentChecker | None = None
+        self._want_plane = consent_plane
+        self.plane: ConsentPlane | None = None
+        """The consent plane, when it runs."""
 
     async def start(self) -> None:
         """Bind the socket and start reading it.
@@ -250,8 +272,15 @@ class IceMux:
             # stale node share it quietly), and pick the free port here when given 0.
             self.port = _claim_port(family, self.host, self.port)
         sock.bind((self.host, self.port))
+        if self._reuseport and self._want_plane:
+            # The second socket of the reuseport group: where the program sends STUN.
+            self.plane = ConsentPlane.open(family, self.host, self.port, self.dispatch)
         if self._reuseport:
-            self._reuseport = _steer_to_first(sock)
+            program = _FIRST_SOCKET_PROGRAM if self.plane is None else _STUN_TO_SECOND_PROGRAM
+            self._reuseport = _steer(sock, program)
+            if not self._reuseport and self.plane is not None:
+                self.plane.close()
+                self.plane = None
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             self._timestamps = True
@@ -269,10 +298,17 @@ class IceMux:
         self.consent = ConsentChecker(
             internals.consent_interval() * internals.CONSENT_FAILURES / MUX_CONSENT_FAILURES,
             MUX_CONSENT_FAILURES,
+            plane=self.plane,
         )
         self.consent.start()
+        if self.plane is not None:
+            self.plane.start()
         logger.info(
-            "ICE mux listening on %s:%d (announced as %s)", self.host, self.port, self.announce
+            "ICE mux listening on %s:%d (announced as %s, consent on %s)",
+            self.host,
+            self.port,
+            self.announce,
+            "its own thread" if self.plane is not None else "the event loop",
         )
 
     def send_sockets(self, count: int) -> list[int]:
@@ -313,6 +349,9 @@ class IceMux:
         if self.consent is not None:
             self.consent.cancel()
             self.consent = None
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None
         # The send sockets leave the reuseport group first: the mux's stays its first.
         for sock in self._send_socks:
             sock.close()
@@ -416,6 +455,7 @@ class IceMux:
         protocol.addresses.clear()
         protocol.srtp_handler = None
         protocol.on_moved = None
+        self._publish_answerer(protocol)
 
     def restart(self, connection: Connection, remote_ufrag: str, remote_password: str) -> str:
         """Restart ICE of ``connection`` with the app's new credentials (RFC 8445 section 9).
@@ -447,6 +487,7 @@ class IceMux:
         connection.remote_username = remote_ufrag
         connection.remote_password = remote_password
         self._by_ufrag[ufrag] = protocol
+        self._publish_answerer(protocol)
         logger.info("ICE restart of %s: new local ufrag %s", connection, ufrag)
         return password
 
@@ -479,7 +520,9 @@ class IceMux:
         protocol.remote_address = address
         protocol.consent_misses = 0
         if previous is None:
-            return  # the first nomination: the session takes its address when it connects
+            # The first nomination: the session takes its address when it connects.
+            self._publish_answerer(protocol)
+            return
         logger.info("%s moved from %s to %s", connection, previous, address)
         for old in list(protocol.addresses):
             if old != address:
@@ -487,6 +530,7 @@ class IceMux:
                 if self._by_address.get(old) is protocol:
                     del self._by_address[old]
         protocol.checked = {a: t for a, t in protocol.checked.items() if a == address}
+        self._publish_answerer(protocol)
         if protocol.on_moved is not None:
             protocol.on_moved(address)
 
@@ -534,12 +578,14 @@ class IceMux:
             on_miss=lambda address: self._consent_missed(protocol, address),
         )
         protocol.consent = target
+        self._publish_answerer(protocol)
         checker.track(target)
         try:
             await lost
         finally:
             checker.untrack(target)
             protocol.consent = None
+            self._publish_answerer(protocol)
         logger.info("%s: consent to send expired", connection)
         # Not awaited here: close() cancels the consent task, which is this one.
         asyncio.get_running_loop().create_task(connection.close())
@@ -569,6 +615,36 @@ class IceMux:
         if address == protocol.remote_address:
             protocol.consent_misses += 1
             self.follow(protocol)
+
+    def _publish_answerer(self, protocol: MuxedStunProtocol) -> None:
+        """Have the consent plane answer the checks :meth:`_answer_consent` would answer
+        for ``protocol`` (while the mux keeps its consent, from its current address, with
+        its current credentials), and no others."""
+        plane = self.plane
+        if plane is None:
+            return
+        connection = protocol.receiver
+        wanted: tuple[Address, str, str] | None = None
+        if (
+            protocol.consent is not None
+            and protocol.remote_address is not None
+            and protocol in self._protocols
+        ):
+            wanted = (
+                protocol.remote_address,
+                connection.local_username,
+                connection.local_password,
+            )
+        current = protocol.answering
+        if current == wanted:
+            return
+        if current is not None:
+            plane.forget(current[0])
+            protocol.answering = None
+        if wanted is not None:
+            conflict = ICE_CONTROLLING if connection.ice_controlling else ICE_CONTROLLED
+            if plane.answer_for(wanted[0], wanted[1], wanted[2].encode("utf8"), conflict):
+                protocol.answering = wanted
 
     def _send(self, data: bytes, address: Address) -> None:
         if self.transport is not None:
@@ -667,11 +743,11 @@ def _join_reuseport(sock: socket.socket) -> bool:
     return True
 
 
-def _steer_to_first(sock: socket.socket) -> bool:
-    """Attach the BPF program sending every datagram of the port's reuseport group to its
-    first socket (after bind); ``False`` when the kernel refuses it."""
-    program = ctypes.create_string_buffer(_FIRST_SOCKET_PROGRAM)
-    fprog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(program))
+def _steer(sock: socket.socket, instructions: bytes) -> bool:
+    """Attach a classic BPF program choosing the socket of the port's reuseport group for
+    each datagram (after bind); ``False`` when the kernel refuses it."""
+    program = ctypes.create_string_buffer(instructions)
+    fprog = struct.pack("HxxxxxxQ", len(instructions) // 8, ctypes.addressof(program))
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as exc:

@@ -138,6 +138,14 @@ class MediaSettings(ServiceSettings):
             "instead of libsrtp, where the profile and CPU allow. Default: true."
         ),
     )
+    consent_plane: bool = Field(
+        default=True,
+        description=(
+            "Answer and verify connected sessions' ICE consent checks on a native thread "
+            "of their own, off the event loop (STUN is steered to it by a BPF program on "
+            "the ICE port); false keeps them on the event loop. Default: true."
+        ),
+    )
     heartbeat_s: float = Field(
         default=0.5,
         gt=0,
@@ -233,4 +241,5 @@ class MediaSettings(ServiceSettings):
             gc_unfreeze_after_closed=self.gc_unfreeze_after_closed,
             levels_interval=self.levels_interval_s,
             native_srtp=self.native_srtp,
+            consent_plane=self.consent_plane,
         )

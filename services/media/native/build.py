@@ -5,7 +5,8 @@ lands in ``build/gen`` beside the generated protos, which is on the import path.
 needs a C compiler at build time only and links nothing but libc (and pthreads): libsrtp's
 ``srtp_protect`` is passed in at run time as pylibsrtp's own function pointer, and the
 module's own SRTP AES-GCM protect (``srtp_gcm.c``, AES-NI) is another such pointer. It also
-checks and builds ICE consent STUN (``stun.c``). When the module is missing,
+checks and builds ICE consent STUN (``stun.c``), and runs the consent plane's thread
+(``consent_plane.c``). When the module is missing,
 :mod:`services.media.egress` and :mod:`services.media.consent` run in Python.
 """
 
@@ -21,9 +22,9 @@ import cffi  # type: ignore[import-untyped]
 
 MODULE = "_spaces_media_fanout"
 SOURCE = Path(__file__).with_name("fanout.c")
-SOURCES = [Path(__file__).with_name("srtp_gcm.c"), Path(__file__).with_name("stun.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("srtp_gcm.c", "stun.c", "consent_plane.c")]
 
-HEADERS = [SOURCE.with_name("srtp_gcm.h"), SOURCE.with_name("stun.h")]
+HEADERS = [SOURCE.with_name(name) for name in ("srtp_gcm.h", "stun.h", "consent_plane.h")]
 FANOUT_CDEF = """
 void *spaces_fanout_pool_new(int helpers);
 int spaces_fanout_pool_size(void *pool_address);
@@ -54,7 +55,7 @@ def builder() -> cffi.FFI:
     ffi.cdef("\n".join([FANOUT_CDEF, *(header_declarations(header) for header in HEADERS)]))
     ffi.set_source(
         MODULE,
-        '#include "srtp_gcm.h"\n#include "stun.h"\n' + SOURCE.read_text(),
+        "".join(f'#include "{header.name}"\n' for header in HEADERS) + SOURCE.read_text(),
         sources=[str(path) for path in SOURCES],
         include_dirs=[str(SOURCE.parent)],
         extra_compile_args=["-O2", "-std=gnu11", "-pthread"],

@@ -1,0 +1,375 @@
+"""The consent plane (``native/consent_plane.c``): STUN on the ICE port is steered to its
+thread, which answers exactly the checks the event loop would answer, takes exactly the
+answers the checker expects, and hands everything else to the event loop unchanged.
+
+Real sockets on loopback and real aioice connections; the answers are compared byte for
+byte with the Python reference (:func:`services.media.consent.binding_success`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import aioice.ice
+import pytest
+from aioice import stun
+from aioice.ice import Connection
+from prometheus_client import REGISTRY
+
+from services.media import aiortc_internals as internals
+from services.media.consent import ICE_CONTROLLED, binding_success
+from services.media.consent_plane import ConsentPlane
+from services.media.icemux import IceMux, MuxedStunProtocol
+from tests.helpers.ice import loopback_ice  # noqa: F401  (an autouse fixture)
+
+LOCAL_PWD = b"local-password-0123456789"
+REMOTE_PWD = b"remote-password-0123456789"
+
+Address = tuple[str, int]
+
+
+class Forwarded:
+    """Records what the plane hands to the event loop (in place of the mux's dispatch)."""
+
+    def __init__(self) -> None:
+        self.datagrams: list[tuple[bytes, Address]] = []
+
+    def __call__(self, data: bytes, address: Address) -> None:
+        self.datagrams.append((data, address))
+
+
+@pytest.fixture
+async def mux() -> AsyncIterator[IceMux]:
+    running = IceMux("127.0.0.1")
+    await running.start()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def plane(mux: IceMux) -> ConsentPlane:
+    assert mux.plane is not None, "the native module is built and the kernel steers STUN"
+    return mux.plane
+
+
+@pytest.fixture
+def forwarded(plane: ConsentPlane) -> Forwarded:
+    recorder = Forwarded()
+    plane._dispatch = recorder
+    return recorder
+
+
+@pytest.fixture
+def client() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def request(username: str, password: bytes, **extra: object) -> bytes:
+    message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    message.attributes["USERNAME"] = username
+    message.attributes["PRIORITY"] = 1853824767
+    for name, value in extra.items():
+        message.attributes[name] = value
+    message.add_message_integrity(password)
+    message.add_fingerprint()
+    return bytes(message)
+
+
+def response(tid: bytes, password: bytes | None, success: bool = True) -> bytes:
+    message = stun.Message(
+        message_method=stun.Method.BINDING,
+        message_class=stun.Class.RESPONSE if success else stun.Class.ERROR,
+        transaction_id=tid,
+    )
+    if success:
+        message.attributes["XOR-MAPPED-ADDRESS"] = ("127.0.0.1", 5000)
+    else:
+        message.attributes["ERROR-CODE"] = (401, "Unauthenticated")
+    if password is not None:
+        message.add_message_integrity(password)
+    message.add_fingerprint()
+    return bytes(message)
+
+
+async def receive(sock: socket.socket, timeout: float = 1.0) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
+    except TimeoutError:
+        return None
+
+
+async def settled(plane: ConsentPlane, key: str, count: int) -> dict[str, int]:
+    """The plane's counters once ``key`` reached ``count`` (or after a second)."""
+    for _ in range(100):
+        stats = plane.stats()
+        if stats[key] >= count:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.02)  # the loop's reader runs for what was forwarded
+    return plane.stats()
+
+
+async def test_stun_reaches_the_plane_and_media_the_mux_from_every_source_port(
+    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded
+) -> None:
+    on_mux: list[bytes] = []
+    mux.dispatch = lambda data, address, received=0.0: on_mux.append(data)  # type: ignore[method-assign]
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
+    try:
+        for i, sock in enumerate(clients):  # 40 source ports: hashing would spread them
+            sock.bind(("127.0.0.1", 0))
+            sock.sendto(b"\x00\x01stun" + bytes([i]), ("127.0.0.1", mux.port))
+            sock.sendto(b"\x80\x6fsrtp" + bytes([i]), ("127.0.0.1", mux.port))
+            sock.sendto(b"\x16dtls" + bytes([i]), ("127.0.0.1", mux.port))
+        stats = await settled(plane, "forwarded", 40)
+        assert stats["forwarded"] == 40 and stats["answered"] == stats["verified"] == 0
+        assert sorted(forwarded.datagrams) == sorted(
+            (b"\x00\x01stun" + bytes([i]), sock.getsockname()) for i, sock in enumerate(clients)
+        ), "every STUN datagram, with its source address, and nothing else"
+        assert sorted(on_mux) == sorted(
+            [b"\x80\x6fsrtp" + bytes([i]) for i in range(40)]
+            + [b"\x16dtls" + bytes([i]) for i in range(40)]
+        )
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+async def test_a_consent_check_is_answered_on_the_thread_as_python_answers_it(
+    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded, client: socket.socket
+) -> None:
+    address = client.getsockname()
+    assert plane.answer_for(address, "lufrag", LOCAL_PWD, ICE_CONTROLLED)
+    check = request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLING": 7})
+    client.sendto(check, ("127.0.0.1", mux.port))
+    answer = await receive(client)
+    assert answer == binding_success(check[8:20], address, LOCAL_PWD), "the reference's bytes"
+    message = stun.parse_message(answer)
+    assert message.attributes["XOR-MAPPED-ADDRESS"] == address
+    assert message.check_message_integrity(LOCAL_PWD)
+    stats = await settled(plane, "answered", 1)
+    assert stats["answered"] == 1 and stats["forwarded"] == 0 and not forwarded.datagrams
+
+
+@pytest.mark.parametrize(
+    "name,check",
+    [
+        ("nomination", request("lufrag:rufrag", LOCAL_PWD, **{"USE-CANDIDATE": None})),
+        ("role conflict", request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLED": 7})),
+        ("wrong password", request("lufrag:rufrag", b"w" * 22)),
+        ("other session", request("other:rufrag", LOCAL_PWD)),
+        ("ufrag prefix only", request("lufragX:rufrag", LOCAL_PWD)),
+        ("no integrity", bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))),
+        ("truncated", request("lufrag:rufrag", LOCAL_PWD)[:-9]),
+    ],
+)
+async def test_anything_else_goes_to_the_event_loop_unanswered(
+    mux: IceMux,
+    plane: ConsentPlane,
+    forwarded: Forwarded,
+    client: socket.socket,
+    name: str,
+    check: bytes,
+) -> None:
+    plane.answer_for(client.getsockname(), "lufrag", LOCAL_PWD, ICE_CONTROLLED)
+    client.sendto(check, ("127.0.0.1", mux.port))
+    stats = await settled(plane, "forwarded", 1)
+    assert stats["answered"] == 0 and stats["forwarded"] == 1, name
+    assert forwarded.datagrams == [(check, client.getsockname())]
+    assert await receive(client, timeout=0.05) is None
+
+
+async def test_checks_from_other_addresses_or_after_forget_are_not_answered(
+    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded, client: socket.socket
+) -> None:
+    check = request("lufrag:rufrag", LOCAL_PWD)
+    plane.answer_for(("127.0.0.1", client.getsockname()[1] ^ 1), "lufrag", LOCAL_PWD, 0)
+    client.sendto(check, ("127.0.0.1", mux.port))
+    await settled(plane, "forwarded", 1)
+    plane.answer_for(client.getsockname(), "lufrag", LOCAL_PWD, 0)
+    client.sendto(check, ("127.0.0.1", mux.port))
+    assert await receive(client) is not None
+    plane.forget(client.getsockname())
+    client.sendto(check, ("127.0.0.1", mux.port))
+    stats = await settled(plane, "forwarded", 2)
+    assert stats["answered"] == 1 and stats["forwarded"] == 2
+    assert [data for data, _ in forwarded.datagrams] == [check, check]
+
+
+async def test_expected_answers_are_taken_verified_and_forged_ones_dropped(
+    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded, client: socket.socket
+) -> None:
+    target = ("127.0.0.1", mux.port)
+
+    def exported(outcome: str) -> float:
+        labels = {"outcome": outcome}
+        return REGISTRY.get_sample_value("spaces_media_consent_messages_total", labels) or 0.0
+
+    metrics_before = {outcome: exported(outcome) for outcome in ("verified", "dropped")}
+    ok, refused, stranger, given_up = (os.urandom(12) for _ in range(4))
+    for tid in (ok, refused, given_up):
+        assert plane.expect(tid, REMOTE_PWD)
+    plane.unexpect(given_up)
+    before = time.monotonic()
+    client.sendto(response(ok, b"forged-password-0123456"), target)  # dropped, still expected
+    client.sendto(response(ok, REMOTE_PWD), target)
+    client.sendto(response(ok, REMOTE_PWD), target)  # a duplicate: no longer expected
+    client.sendto(response(refused, None, success=False), target)  # 401s are not signed
+    client.sendto(response(stranger, REMOTE_PWD), target)
+    client.sendto(response(given_up, REMOTE_PWD), target)
+    stats = await settled(plane, "forwarded", 3)
+    answers = plane.take()
+    after = time.monotonic()
+    assert [(tid, success) for tid, success, _ in answers] == [(ok, True), (refused, False)]
+    assert all(before <= when <= after for _, _, when in answers), "time.monotonic() clock"
+    assert plane.take() == [], "taken once"
+    assert stats == {"answered": 0, "verified": 2, "forwarded": 3, "dropped": 1}
+    assert exported("verified") - metrics_before["verified"] == 2, "exported at take()"
+    assert exported("dropped") - metrics_before["dropped"] == 1
+    assert [data[8:20] for data, _ in forwarded.datagrams] == [ok, stranger, given_up]
+
+
+async def test_ipv6_sources_are_answered_and_forwarded_with_their_address() -> None:
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    mux = IceMux("::1")
+    await mux.start()
+    try:
+        assert mux.plane is not None
+        recorder = Forwarded()
+        mux.plane._dispatch = recorder
+        probe.setblocking(False)
+        address = probe.getsockname()[:2]
+        mux.plane.answer_for(address, "lufrag", LOCAL_PWD, 0)
+        check = request("lufrag:rufrag", LOCAL_PWD)
+        probe.sendto(check, ("::1", mux.port))
+        assert await receive(probe) == binding_success(check[8:20], address, LOCAL_PWD)
+        probe.sendto(b"\x01\x01" + os.urandom(30), ("::1", mux.port))
+        await settled(mux.plane, "forwarded", 1)
+        assert recorder.datagrams[0][1] == address
+    finally:
+        probe.close()
+        mux.close()
+
+
+@pytest.fixture
+def short_consent() -> Iterator[None]:
+    saved = internals.consent_interval()
+    internals.set_consent_interval(0.3)
+    yield
+    internals.set_consent_interval(saved)
+
+
+async def connected_pair(mux: IceMux) -> tuple[Connection, Connection]:
+    """An aioice app (its own sockets, controlling) connected to a session on the mux."""
+    server = Connection(ice_controlling=False)
+    mux.attach(server)
+    app = Connection(ice_controlling=True, components=1)
+    await asyncio.gather(server.gather_candidates(), app.gather_candidates())
+    app.remote_username, app.remote_password = server.local_username, server.local_password
+    server.remote_username, server.remote_password = app.local_username, app.local_password
+    for candidate in server.local_candidates:
+        await app.add_remote_candidate(candidate)
+    await app.add_remote_candidate(None)
+    for candidate in app.local_candidates:
+        await server.add_remote_candidate(candidate)
+    await server.add_remote_candidate(None)
+    await asyncio.wait_for(asyncio.gather(app.connect(), server.connect()), 10.0)
+    return app, server
+
+
+async def test_a_connected_sessions_consent_is_kept_on_the_thread(short_consent: None) -> None:
+    """End to end with aioice: the app's consent checks are answered and the node's own
+    checks verified on the thread; the event loop sees no consent traffic; when the app
+    vanishes, the session's consent still runs out."""
+    mux = IceMux("127.0.0.1")
+    await mux.start()
+    app: Connection | None = None
+    try:
+        plane = mux.plane
+        assert plane is not None and mux.consent is not None
+        app, server = await connected_pair(mux)
+        protocol = server._protocols[0]
+        assert isinstance(protocol, MuxedStunProtocol)
+        for _ in range(100):
+            if protocol.answering is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert protocol.answering == (
+            protocol.remote_address,
+            server.local_username,
+            server.local_password,
+        )
+        start = plane.stats()
+        loop_answers: list[bytes] = []
+        original = mux._answer_consent
+
+        def on_loop(protocol: MuxedStunProtocol, data: bytes, address: Address) -> bool:
+            loop_answers.append(data)
+            return original(protocol, data, address)
+
+        mux._answer_consent = on_loop  # type: ignore[method-assign]
+        await asyncio.sleep(2.0)
+        stats = plane.stats()
+        # ~0.3 s between checks each way: 2 s is several of each.
+        assert stats["answered"] - start["answered"] >= 3, stats
+        assert stats["verified"] - start["verified"] >= 3, stats
+        assert loop_answers == [], "no consent check reached the event loop"
+        assert server._query_consent_task is not None
+        assert not server._query_consent_task.done(), "consent kept"
+
+        # The app vanishes without a word: the node's checks go unanswered.
+        if app._query_consent_task is not None:
+            app._query_consent_task.cancel()  # the app's own checks stop with its socket
+        for pair in app._nominated.values():
+            pair.protocol.transport.close()
+        vanished = time.monotonic()
+        timeout = mux.consent.timeout
+        await asyncio.wait_for(server._query_consent_task, timeout + 2.0)
+        took = time.monotonic() - vanished
+        assert took <= timeout + 0.5, f"expired after {took:.2f} s (timeout {timeout:.2f} s)"
+        assert protocol.answering is None, "the thread stops answering for the session"
+    finally:
+        if app is not None:
+            await app.close()
+        mux.close()
+    assert aioice.ice.CONSENT_INTERVAL == 0.3
+
+
+async def test_without_the_plane_the_event_loop_keeps_consent(short_consent: None) -> None:
+    mux = IceMux("127.0.0.1", consent_plane=False)
+    await mux.start()
+    app: Connection | None = None
+    try:
+        assert mux.plane is None
+        answered: list[bytes] = []
+        original = mux._answer_consent
+
+        def on_loop(protocol: MuxedStunProtocol, data: bytes, address: Address) -> bool:
+            result = original(protocol, data, address)
+            if result:
+                answered.append(data)
+            return result
+
+        mux._answer_consent = on_loop  # type: ignore[method-assign]
+        app, server = await connected_pair(mux)
+        await asyncio.sleep(1.5)
+        assert len(answered) >= 2
+        assert server._query_consent_task is not None
+        assert not server._query_consent_task.done()
+    finally:
+        if app is not None:
+            await app.close()
+        mux.close()
