@@ -19,6 +19,10 @@ an ICE restart) still goes to aioice.
   and counts unanswered ones; after ``failures`` in a row, or its timeout after the last
   answer, it calls the session's expiry callback (RFC 7675: stop sending within 30 s of
   the last answer).
+
+Where the native module is built, the ICE mux runs none of this on the event loop: the
+consent plane's thread (:mod:`services.media.consent_plane`) answers, checks and counts
+with the same rules, and this module's code handles only what the thread hands back.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import heapq
 import hmac
 import itertools
 import logging
+import os
 import random
 import socket
 import struct
@@ -36,12 +41,9 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from services.media import native
-
-if TYPE_CHECKING:
-    from services.media.consent_plane import ConsentPlane
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +51,11 @@ _NATIVE: Any = native.MODULE
 
 __all__ = [
     "BindingRequest",
+    "CheckParams",
     "ConsentChecker",
     "ConsentTarget",
     "binding_request",
+    "binding_request_body",
     "binding_success",
     "parse_binding_request",
     "parse_binding_response",
@@ -269,6 +273,23 @@ def binding_success(
     )
 
 
+def binding_request_body(
+    username: str, priority: int, tie_breaker: int, controlling: bool = False
+) -> bytes:
+    """The attributes of a consent check before its MESSAGE-INTEGRITY: USERNAME,
+    PRIORITY, ICE-CONTROLLED or ICE-CONTROLLING (as aioice orders them)."""
+    name = username.encode()
+    return (
+        _ATTRIBUTE.pack(USERNAME, len(name))
+        + name
+        + b"\0" * (-len(name) % 4)
+        + _ATTRIBUTE.pack(PRIORITY, 4)
+        + struct.pack("!I", priority)
+        + _ATTRIBUTE.pack(ICE_CONTROLLING if controlling else ICE_CONTROLLED, 8)
+        + struct.pack("!Q", tie_breaker)
+    )
+
+
 def binding_request(
     transaction_id: bytes,
     username: str,
@@ -279,16 +300,7 @@ def binding_request(
 ) -> bytes:
     """A consent check (as aioice builds it: USERNAME, PRIORITY, ICE-CONTROLLED or
     ICE-CONTROLLING, MESSAGE-INTEGRITY, FINGERPRINT)."""
-    name = username.encode()
-    body = (
-        _ATTRIBUTE.pack(USERNAME, len(name))
-        + name
-        + b"\0" * (-len(name) % 4)
-        + _ATTRIBUTE.pack(PRIORITY, 4)
-        + struct.pack("!I", priority)
-        + _ATTRIBUTE.pack(ICE_CONTROLLING if controlling else ICE_CONTROLLED, 8)
-        + struct.pack("!Q", tie_breaker)
-    )
+    body = binding_request_body(username, priority, tie_breaker, controlling)
     return _sealed(BINDING_REQUEST, transaction_id, body, remote_password)
 
 
@@ -322,14 +334,44 @@ def _parse_binding_response(data: bytes, remote_password: bytes) -> tuple[bytes,
     return bytes(data[8:20]), kind == BINDING_SUCCESS
 
 
+@dataclass(frozen=True, slots=True)
+class CheckParams:
+    """What a session's consent checks carry and where they go.
+
+    :ivar username: ``"<remote ufrag>:<local ufrag>"``.
+    :ivar priority: the PRIORITY attribute.
+    :ivar tie_breaker: the role attribute's tie-breaker.
+    :ivar controlling: ICE-CONTROLLING (else ICE-CONTROLLED).
+    :ivar password: the remote password (the checks' MESSAGE-INTEGRITY key).
+    :ivar address: the session's current remote address.
+    """
+
+    username: str
+    priority: int
+    tie_breaker: int
+    controlling: bool
+    password: bytes
+    address: tuple[str, int]
+
+    def body(self) -> bytes:
+        """The check's attributes before MESSAGE-INTEGRITY."""
+        return binding_request_body(
+            self.username, self.priority, self.tie_breaker, self.controlling
+        )
+
+    def request(self, transaction_id: bytes) -> bytes:
+        """The check, sealed, with ``transaction_id``."""
+        return _sealed(BINDING_REQUEST, transaction_id, self.body(), self.password)
+
+
 @dataclass(eq=False)
 class ConsentTarget:
     """One session whose consent the node checks.
 
-    :ivar check: ``() -> (request, remote password, address)``, the check to send now
-        (:func:`binding_request` with a fresh transaction id), or ``None`` while there is
-        nothing to check; called at every check, so an ICE restart's new credentials or
-        address are used from the next check on.
+    :ivar check: ``() -> CheckParams``, what the check to send now carries, or ``None``
+        while there is nothing to check; called at every check (and, by the consent
+        plane, at every :meth:`ConsentChecker.refresh`), so an ICE restart's new
+        credentials or address are used from the next check on.
     :ivar send: sends a datagram to an address (the mux's socket).
     :ivar expired: called once when consent is lost.
     :ivar on_answer: called with the address of every answered check.
@@ -338,7 +380,7 @@ class ConsentTarget:
         answer, or the last round with nothing to check.
     """
 
-    check: Callable[[], tuple[bytes, bytes, tuple[str, int]] | None]
+    check: Callable[[], CheckParams | None]
     send: Callable[[bytes, tuple[str, int]], None]
     expired: Callable[[], None]
     on_answer: Callable[[tuple[str, int]], None] | None = None
@@ -362,19 +404,13 @@ class ConsentChecker:
     the next is due), past RFC 7675's 30 s. A session's next check is never scheduled
     later than that moment.
 
-    With a consent ``plane``, the answers to the checks are taken on its thread
-    (:meth:`~services.media.consent_plane.ConsentPlane.expect`) and applied at the start
-    of every round, before any check is judged unanswered.
-
     :param interval: mean time between checks of one session.
     :param failures: unanswered checks in a row that expire consent.
-    :param plane: the consent plane that takes the answers, if any.
     """
 
-    def __init__(self, interval: float, failures: int, plane: ConsentPlane | None = None) -> None:
+    def __init__(self, interval: float, failures: int) -> None:
         self.interval = interval
         self.failures = failures
-        self.plane = plane
         self.timeout = failures * 1.2 * interval
         self._due: list[tuple[float, int, ConsentTarget]] = []
         self._order = itertools.count()
@@ -407,16 +443,15 @@ class ConsentChecker:
         self._schedule(target)
         self._arm()
 
+    def refresh(self, target: ConsentTarget) -> None:
+        """``target``'s check parameters may have changed: nothing to do here, as
+        :attr:`ConsentTarget.check` is called at every check."""
+
     def untrack(self, target: ConsentTarget) -> None:
         """Stop checking ``target`` (it closed)."""
         target.active = False
-        self._forget_pending(target)
-
-    def _forget_pending(self, target: ConsentTarget) -> None:
         if target.pending is not None:
             self._pending.pop(target.pending, None)
-            if self.plane is not None:
-                self.plane.unexpect(target.pending)
             target.pending = None
 
     def answered(self, data: bytes) -> bool:
@@ -430,32 +465,16 @@ class ConsentChecker:
         if parsed is None:
             return True  # ours, but forged or corrupt: as if lost
         transaction_id, success = parsed
-        self._apply(transaction_id, success, time.monotonic())
-        return True
-
-    def take_answers(self) -> None:
-        """Apply the answers the consent plane took since the last call."""
-        if self.plane is None:
-            return
-        for transaction_id, success, when in self.plane.take():
-            try:
-                self._apply(transaction_id, success, when)
-            except Exception:
-                logger.exception("consent answer failed")
-
-    def _apply(self, transaction_id: bytes, success: bool, when: float) -> None:
-        """The answer to the check ``transaction_id`` arrived at ``when``."""
-        target = self._pending.pop(transaction_id, None)
-        if target is None:
-            return  # given up on meanwhile
+        del self._pending[transaction_id]
         target.pending = None
         if success:
             target.failures = 0
-            target.last_answer = max(target.last_answer, when)
+            target.last_answer = time.monotonic()
             if target.on_answer is not None:
                 target.on_answer(target.pending_address)
         else:
             self._fail(target)
+        return True
 
     def _schedule(self, target: ConsentTarget) -> None:
         due = time.monotonic() + self.interval * (0.8 + 0.4 * random.random())
@@ -480,7 +499,8 @@ class ConsentChecker:
 
     def _check(self, target: ConsentTarget) -> None:
         if target.pending is not None:
-            self._forget_pending(target)
+            self._pending.pop(target.pending, None)
+            target.pending = None
             self._fail(target)
             if not target.active:
                 return
@@ -495,15 +515,13 @@ class ConsentChecker:
         if now - target.last_answer >= self.timeout:
             self._expire(target)
             return
-        request, password, address = check
-        transaction_id = request[8:20]
+        transaction_id = os.urandom(12)
+        request = check.request(transaction_id)
+        password, address = check.password, check.address
         target.pending = transaction_id
         target.pending_key = password
         target.pending_address = address
         self._pending[transaction_id] = target
-        # Before sending: the answer may come back before send() returns.
-        if self.plane is not None and not self.plane.expect(transaction_id, password):
-            logger.warning("the consent plane cannot take an answer; it reaches the loop")
         target.send(request, address)
         self._schedule(target)
 
@@ -522,7 +540,6 @@ class ConsentChecker:
 
     def _tick(self) -> None:
         self._timer = None
-        self.take_answers()
         # Checks due within the slack go out now too: a few wake-ups a second for
         # thousands of sessions instead of one per check.
         horizon = time.monotonic() + min(_SLACK_S, self.interval / 10)

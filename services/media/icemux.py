@@ -16,11 +16,13 @@ The shared socket is also one port to open in a firewall or a Kubernetes Service
 
 **Consent** (RFC 7675) of connected sessions is kept by the mux, not by aioice's
 per-connection task and generic STUN code (a tenth of a core for a thousand listeners):
-one :class:`~services.media.consent.ConsentChecker` sends every session's checks, and a
-peer's plain consent check from the session's current address is answered directly. Any
-other STUN (nominations, role conflicts, other addresses, checks during a restart) still
-goes through aioice. A session whose nominated pair is not on the mux (TURN) keeps
-aioice's own consent task.
+the consent plane's native thread (:mod:`services.media.consent_plane`, which a BPF
+program on the port hands every STUN datagram) sends every session's checks and answers a
+peer's plain consent check from the session's current address; without the native module,
+one :class:`~services.media.consent.ConsentChecker` and :meth:`IceMux._answer_consent` do
+the same on the event loop. Any other STUN (nominations, role conflicts, other addresses,
+checks during a restart) still goes through aioice. A session whose nominated pair is not
+on the mux (TURN) keeps aioice's own consent task.
 
 **Moving a session** (ICE restart, NAT rebinding). aioice itself replaces a connection's
 nominated pair whenever the app nominates another one (``USE-CANDIDATE`` on a pair whose
@@ -43,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import secrets
 import socket
 import string
@@ -69,13 +70,13 @@ from services.media.consent import (
     BINDING_SUCCESS,
     ICE_CONTROLLED,
     ICE_CONTROLLING,
+    CheckParams,
     ConsentChecker,
     ConsentTarget,
-    binding_request,
     binding_success,
     parse_binding_request,
 )
-from services.media.consent_plane import ConsentPlane
+from services.media.consent_plane import ConsentPlane, PlaneChecker
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class IceMux:
         self._by_address: dict[tuple[str, int], MuxedStunProtocol] = {}
         self._by_ufrag: dict[str, MuxedStunProtocol] = {}
         self._protocols: set[MuxedStunProtocol] = set()
-        self.consent: ConsentChecker | None = None
+        self.consent: ConsentChecker | PlaneChecker | None = None
         self._want_plane = consent_plane
         self.plane: ConsentPlane | None = None
         """The consent plane, when it runs."""
@@ -272,9 +273,15 @@ class IceMux:
             # stale node share it quietly), and pick the free port here when given 0.
             self.port = _claim_port(family, self.host, self.port)
         sock.bind((self.host, self.port))
+        # Read now: the engine sets the interval for this node before starting the mux.
+        # Same time to notice a vanished peer as aioice's (failures x 1.2 x interval),
+        # in fewer, RFC 7675-paced checks: one per ~4.7 s instead of ~3.9 s by default.
+        interval = internals.consent_interval() * internals.CONSENT_FAILURES / MUX_CONSENT_FAILURES
         if self._reuseport and self._want_plane:
             # The second socket of the reuseport group: where the program sends STUN.
-            self.plane = ConsentPlane.open(family, self.host, self.port, self.dispatch)
+            self.plane = ConsentPlane.open(
+                family, self.host, self.port, self.dispatch, interval, MUX_CONSENT_FAILURES
+            )
         if self._reuseport:
             program = _FIRST_SOCKET_PROGRAM if self.plane is None else _STUN_TO_SECOND_PROGRAM
             self._reuseport = _steer(sock, program)
@@ -292,14 +299,10 @@ class IceMux:
         self.transport = _MuxTransport(sock)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.fd, self._readable)
-        # Read now: the engine sets the interval for this node before starting the mux.
-        # Same time to notice a vanished peer as aioice's (failures x 1.2 x interval),
-        # in fewer, RFC 7675-paced checks: one per ~4.7 s instead of ~3.9 s by default.
-        self.consent = ConsentChecker(
-            internals.consent_interval() * internals.CONSENT_FAILURES / MUX_CONSENT_FAILURES,
-            MUX_CONSENT_FAILURES,
-            plane=self.plane,
-        )
+        if self.plane is not None:
+            self.consent = PlaneChecker(self.plane)
+        else:
+            self.consent = ConsentChecker(interval, MUX_CONSENT_FAILURES)
         self.consent.start()
         if self.plane is not None:
             self.plane.start()
@@ -455,7 +458,7 @@ class IceMux:
         protocol.addresses.clear()
         protocol.srtp_handler = None
         protocol.on_moved = None
-        self._publish_answerer(protocol)
+        self._publish_consent(protocol)
 
     def restart(self, connection: Connection, remote_ufrag: str, remote_password: str) -> str:
         """Restart ICE of ``connection`` with the app's new credentials (RFC 8445 section 9).
@@ -487,7 +490,7 @@ class IceMux:
         connection.remote_username = remote_ufrag
         connection.remote_password = remote_password
         self._by_ufrag[ufrag] = protocol
-        self._publish_answerer(protocol)
+        self._publish_consent(protocol)
         logger.info("ICE restart of %s: new local ufrag %s", connection, ufrag)
         return password
 
@@ -501,7 +504,10 @@ class IceMux:
         connection = protocol.receiver
         pair = internals.nominated_pair(connection)
         if pair is None or pair.protocol is not protocol:
-            return  # not connected yet, or a relayed pair (aioice sends on it itself)
+            # Not connected yet, or a relayed pair (aioice sends on it itself): nothing to
+            # check on the mux.
+            self._publish_consent(protocol)
+            return
         address = pair.remote_addr
         if protocol.consent_misses and address == protocol.remote_address:
             rebound = self._rebound_pair(protocol, address)
@@ -521,7 +527,7 @@ class IceMux:
         protocol.consent_misses = 0
         if previous is None:
             # The first nomination: the session takes its address when it connects.
-            self._publish_answerer(protocol)
+            self._publish_consent(protocol)
             return
         logger.info("%s moved from %s to %s", connection, previous, address)
         for old in list(protocol.addresses):
@@ -530,7 +536,7 @@ class IceMux:
                 if self._by_address.get(old) is protocol:
                     del self._by_address[old]
         protocol.checked = {a: t for a, t in protocol.checked.items() if a == address}
-        self._publish_answerer(protocol)
+        self._publish_consent(protocol)
         if protocol.on_moved is not None:
             protocol.on_moved(address)
 
@@ -578,33 +584,31 @@ class IceMux:
             on_miss=lambda address: self._consent_missed(protocol, address),
         )
         protocol.consent = target
-        self._publish_answerer(protocol)
+        self._publish_consent(protocol)
         checker.track(target)
         try:
             await lost
         finally:
             checker.untrack(target)
             protocol.consent = None
-            self._publish_answerer(protocol)
+            self._publish_consent(protocol)
         logger.info("%s: consent to send expired", connection)
         # Not awaited here: close() cancels the consent task, which is this one.
         asyncio.get_running_loop().create_task(connection.close())
 
-    def _consent_check(self, protocol: MuxedStunProtocol) -> tuple[bytes, bytes, Address] | None:
+    def _consent_check(self, protocol: MuxedStunProtocol) -> CheckParams | None:
         connection = protocol.receiver
         pair = internals.nominated_pair(connection)
         if pair is None or pair.protocol is not protocol or connection.remote_password is None:
             return None
-        password = connection.remote_password.encode("utf8")
-        request = binding_request(
-            os.urandom(12),
-            f"{connection.remote_username}:{connection.local_username}",
-            candidate_priority(pair.component, "prflx"),
-            internals.tie_breaker(connection),
-            password,
+        return CheckParams(
+            username=f"{connection.remote_username}:{connection.local_username}",
+            priority=candidate_priority(pair.component, "prflx"),
+            tie_breaker=internals.tie_breaker(connection),
             controlling=connection.ice_controlling,
+            password=connection.remote_password.encode("utf8"),
+            address=pair.remote_addr,
         )
-        return request, password, pair.remote_addr
 
     def _consent_answered(self, protocol: MuxedStunProtocol, address: Address) -> None:
         protocol.checked[address] = time.monotonic()
@@ -616,13 +620,16 @@ class IceMux:
             protocol.consent_misses += 1
             self.follow(protocol)
 
-    def _publish_answerer(self, protocol: MuxedStunProtocol) -> None:
-        """Have the consent plane answer the checks :meth:`_answer_consent` would answer
-        for ``protocol`` (while the mux keeps its consent, from its current address, with
-        its current credentials), and no others."""
+    def _publish_consent(self, protocol: MuxedStunProtocol) -> None:
+        """Bring the consent plane up to date with ``protocol``: have it answer the checks
+        :meth:`_answer_consent` would answer (while the mux keeps the session's consent,
+        from its current address, with its current credentials) and no others, and check
+        the session with what :meth:`_consent_check` says now."""
         plane = self.plane
         if plane is None:
             return
+        if protocol.consent is not None and self.consent is not None:
+            self.consent.refresh(protocol.consent)
         connection = protocol.receiver
         wanted: tuple[Address, str, str] | None = None
         if (

@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BYTES_RECEIVED",
     "BYTES_SENT",
-    "CONSENT_MESSAGES",
     "FORWARD_LATENCY",
     "PACKETS_DROPPED",
     "PACKETS_RECEIVED",
@@ -182,13 +181,6 @@ PEERS = Gauge(
 RELAY_STREAMS = Gauge(
     "spaces_media_relay_streams",
     "Relay streams this node pulls from origins or serves to edges (0 until relays exist).",
-)
-CONSENT_MESSAGES = Counter(
-    "spaces_media_consent_messages",
-    "ICE consent STUN handled by the consent plane's thread, by outcome: answered (a "
-    "peer's check), verified (an answer to the node's check), forwarded (to the event "
-    "loop), dropped (forged answers, full queues, failed sends).",
-    ["outcome"],
 )
 SLOT_SWITCHES = Counter(
     "spaces_media_slot_switches",

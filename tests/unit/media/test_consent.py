@@ -14,6 +14,7 @@ from aioice import stun
 from services.media import consent, native
 from services.media.consent import (
     CHECKS_PER_SLICE,
+    CheckParams,
     ConsentChecker,
     ConsentTarget,
     binding_request,
@@ -24,6 +25,7 @@ from services.media.consent import (
 
 LOCAL_PWD = b"local-password-0123456789"
 REMOTE_PWD = b"remote-password-0123456789"
+PARAMS = CheckParams("r:l", 1, 2, False, REMOTE_PWD, ("127.0.0.1", 9))
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])
@@ -87,6 +89,7 @@ def test_our_check_is_what_aioice_expects_and_its_answer_is_parsed() -> None:
         binding_request(tid, "rufrag:lufrag", 1234, 99, REMOTE_PWD, controlling=True)
     )
     assert controlling.attributes["ICE-CONTROLLING"] == 99
+    assert PARAMS.request(tid) == binding_request(tid, "r:l", 1, 2, REMOTE_PWD)
     answer = stun.Message(
         message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE, transaction_id=tid
     )
@@ -125,11 +128,7 @@ async def test_the_checker_keeps_an_answering_peer_and_expires_a_silent_one() ->
                 asyncio.get_running_loop().call_soon(checker.answered, bytes(reply))
 
         return ConsentTarget(
-            check=lambda: (
-                binding_request(os.urandom(12), "r:l", 1, 2, REMOTE_PWD),
-                REMOTE_PWD,
-                ("127.0.0.1", 9),
-            ),
+            check=lambda: PARAMS,
             send=send,
             expired=lambda: expired.append(name),
             on_answer=lambda address: answers_seen.append(address),
@@ -157,11 +156,7 @@ async def test_consent_runs_out_within_the_timeout_of_the_last_answer() -> None:
     expired_at: list[float] = []
     targets = [
         ConsentTarget(
-            check=lambda: (
-                binding_request(os.urandom(12), "r:l", 1, 2, REMOTE_PWD),
-                REMOTE_PWD,
-                ("127.0.0.1", 9),
-            ),
+            check=lambda: PARAMS,
             send=lambda data, address: None,  # never answered
             expired=lambda: expired_at.append(time.monotonic()),
         )
@@ -191,11 +186,7 @@ async def test_a_round_of_checks_goes_out_in_slices_between_other_callbacks() ->
 
     def target() -> ConsentTarget:
         return ConsentTarget(
-            check=lambda: (
-                binding_request(os.urandom(12), "r:l", 1, 2, REMOTE_PWD),
-                REMOTE_PWD,
-                ("127.0.0.1", 9),
-            ),
+            check=lambda: PARAMS,
             send=lambda data, address: log.append("check"),
             expired=lambda: None,
         )

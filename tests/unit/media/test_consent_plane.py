@@ -12,7 +12,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aioice.ice
 import pytest
@@ -21,8 +21,8 @@ from aioice.ice import Connection
 from prometheus_client import REGISTRY
 
 from services.media import aiortc_internals as internals
-from services.media.consent import ICE_CONTROLLED, binding_success
-from services.media.consent_plane import ConsentPlane
+from services.media.consent import ICE_CONTROLLED, CheckParams, ConsentTarget, binding_success
+from services.media.consent_plane import ConsentPlane, PlaneChecker
 from services.media.icemux import IceMux, MuxedStunProtocol
 from tests.helpers.ice import loopback_ice  # noqa: F401  (an autouse fixture)
 
@@ -205,37 +205,225 @@ async def test_checks_from_other_addresses_or_after_forget_are_not_answered(
     assert [data for data, _ in forwarded.datagrams] == [check, check]
 
 
-async def test_expected_answers_are_taken_verified_and_forged_ones_dropped(
-    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded, client: socket.socket
+class Peer:
+    """A peer on its own socket that answers the node's consent checks (or not)."""
+
+    def __init__(self, password: bytes = REMOTE_PWD) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.address: Address = self.sock.getsockname()
+        self.password = password
+        self.answering = True
+        self.refusing = False
+        self.forging = False
+        self.checks: list[stun.Message] = []
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data, source = await loop.sock_recvfrom(self.sock, 2048)
+            request = stun.parse_message(data)
+            self.checks.append(request)
+            if not self.answering:
+                continue
+            tid = request.transaction_id
+            if self.refusing:
+                reply = response(tid, None, success=False)
+            else:
+                reply = response(tid, b"forged-password-012345" if self.forging else self.password)
+            self.sock.sendto(reply, source)
+
+    def params(self, username: str = "r:l") -> CheckParams:
+        return CheckParams(username, 1234, 99, False, self.password, self.address)
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.sock.close()
+
+
+@pytest.fixture
+async def standalone() -> AsyncIterator[ConsentPlane]:
+    """A plane on a socket of its own, checking every 0.05 s, 3 misses to expire."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    plane = ConsentPlane(sock, Forwarded(), interval=0.05, failures=3)
+    plane.start()
+    yield plane
+    plane.close()
+
+
+class Outcomes:
+    """What a checker reported for its targets."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        self.expired_at: dict[str, float] = {}
+
+    def target(self, name: str, check: Callable[[], CheckParams | None]) -> ConsentTarget:
+        def expired() -> None:
+            self.log.append((name, "expired"))
+            self.expired_at[name] = time.monotonic()
+
+        return ConsentTarget(
+            check=check,
+            send=lambda data, address: None,
+            expired=expired,
+            on_answer=lambda address: self.log.append((name, f"answer {address[1]}")),
+            on_miss=lambda address: self.log.append((name, f"miss {address[1]}")),
+        )
+
+    def of(self, name: str) -> list[str]:
+        return [what for who, what in self.log if who == name]
+
+
+async def test_the_thread_keeps_an_answering_peer_and_expires_a_silent_one(
+    standalone: ConsentPlane,
 ) -> None:
-    target = ("127.0.0.1", mux.port)
+    checker = PlaneChecker(standalone)
+    live, silent = Peer(), Peer()
+    silent.answering = False
+    outcomes = Outcomes()
+    try:
+        live_target = outcomes.target("live", live.params)
+        checker.track(live_target)
+        checker.track(outcomes.target("silent", silent.params))
+        await asyncio.sleep(0.5)
+        assert outcomes.of("silent")[-1] == "expired" and "expired" not in outcomes.of("live")
+        assert outcomes.of("silent").count(f"miss {silent.address[1]}") == 3
+        assert live_target.active and len(checker) == 1 and standalone.tracked() == 1
+        # What went out is what aioice sends, signed with the remote password.
+        check = live.checks[-1]
+        assert check.attributes["USERNAME"] == "r:l" and check.attributes["PRIORITY"] == 1234
+        assert check.attributes["ICE-CONTROLLED"] == 99
+        assert check.check_message_integrity(REMOTE_PWD)
+        assert len({c.transaction_id for c in live.checks}) == len(live.checks), "fresh ids"
+        stats = standalone.stats()
+        assert stats["verified"] >= 5 and stats["expired"] == 1 and stats["missed"] == 3
 
-    def exported(outcome: str) -> float:
-        labels = {"outcome": outcome}
-        return REGISTRY.get_sample_value("spaces_media_consent_messages_total", labels) or 0.0
+        live.answering = False
+        await asyncio.sleep(0.5)
+        assert outcomes.of("live")[-1] == "expired" and len(checker) == 0
+        assert standalone.tracked() == 0, "the thread untracks what it expired"
+    finally:
+        live.close()
+        silent.close()
 
-    metrics_before = {outcome: exported(outcome) for outcome in ("verified", "dropped")}
-    ok, refused, stranger, given_up = (os.urandom(12) for _ in range(4))
-    for tid in (ok, refused, given_up):
-        assert plane.expect(tid, REMOTE_PWD)
-    plane.unexpect(given_up)
-    before = time.monotonic()
-    client.sendto(response(ok, b"forged-password-0123456"), target)  # dropped, still expected
-    client.sendto(response(ok, REMOTE_PWD), target)
-    client.sendto(response(ok, REMOTE_PWD), target)  # a duplicate: no longer expected
-    client.sendto(response(refused, None, success=False), target)  # 401s are not signed
-    client.sendto(response(stranger, REMOTE_PWD), target)
-    client.sendto(response(given_up, REMOTE_PWD), target)
-    stats = await settled(plane, "forwarded", 3)
-    answers = plane.take()
-    after = time.monotonic()
-    assert [(tid, success) for tid, success, _ in answers] == [(ok, True), (refused, False)]
-    assert all(before <= when <= after for _, _, when in answers), "time.monotonic() clock"
-    assert plane.take() == [], "taken once"
-    assert stats == {"answered": 0, "verified": 2, "forwarded": 3, "dropped": 1}
-    assert exported("verified") - metrics_before["verified"] == 2, "exported at take()"
-    assert exported("dropped") - metrics_before["dropped"] == 1
-    assert [data[8:20] for data, _ in forwarded.datagrams] == [ok, stranger, given_up]
+
+async def test_on_the_thread_consent_runs_out_within_the_timeout_of_the_last_answer(
+    standalone: ConsentPlane,
+) -> None:
+    """As :class:`ConsentChecker`: 40 silent peers all expire within the timeout (three
+    misses take at least 2.4 intervals, the timeout is 3.6), and a session with nothing to
+    check never does: its clock stands still."""
+    checker = PlaneChecker(standalone)
+    peers = [Peer() for _ in range(40)]
+    outcomes = Outcomes()
+    try:
+        for peer in peers:
+            peer.answering = False
+        started = time.monotonic()
+        for i, peer in enumerate(peers):
+            checker.track(outcomes.target(f"silent {i}", peer.params))
+        idle = outcomes.target("idle", lambda: None)
+        checker.track(idle)
+        await asyncio.sleep(0.6)
+        assert len(outcomes.expired_at) == 40 and "idle" not in outcomes.expired_at
+        assert max(outcomes.expired_at.values()) - started <= checker.timeout + 0.05
+        assert idle.active and len(checker) == 1
+        assert standalone.tracked() == 0, "the thread learns of it once there is a check"
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+async def test_a_recovery_an_error_answer_and_a_forged_answer_on_the_thread(
+    standalone: ConsentPlane,
+) -> None:
+    checker = PlaneChecker(standalone)
+    peer = Peer()
+    outcomes = Outcomes()
+    try:
+        target = outcomes.target("peer", peer.params)
+        checker.track(target)
+        await asyncio.sleep(0.2)
+        assert outcomes.of("peer") == [], "answered: nothing to report"
+        peer.answering = False
+        await asyncio.sleep(0.08)  # one or two checks left unanswered
+        peer.answering = True
+        await asyncio.sleep(0.2)
+        port = peer.address[1]
+        log = outcomes.of("peer")
+        assert log and set(log[:-1]) == {f"miss {port}"} and log[-1] == f"answer {port}"
+        assert target.failures == 0
+
+        # A forged success is as if lost; an unsigned 401 refuses consent at once.
+        outcomes.log.clear()
+        dropped = standalone.stats()["dropped"]
+        peer.forging = True
+        await asyncio.sleep(0.1)
+        assert standalone.stats()["dropped"] > dropped
+        assert f"miss {port}" in outcomes.of("peer")
+        peer.forging, peer.refusing = False, True
+        await asyncio.sleep(0.3)
+        assert outcomes.of("peer")[-1] == "expired"
+    finally:
+        peer.close()
+
+
+async def test_refreshed_parameters_apply_from_the_next_check(standalone: ConsentPlane) -> None:
+    checker = PlaneChecker(standalone)
+    old, new = Peer(), Peer()
+    where = {"peer": old}
+    outcomes = Outcomes()
+    try:
+        target = outcomes.target("moving", lambda: where["peer"].params("r2:l2"))
+        checker.track(target)
+        await asyncio.sleep(0.2)
+        assert old.checks and not new.checks
+        where["peer"] = new
+        checker.refresh(target)
+        sent_before = len(old.checks)
+        await asyncio.sleep(0.2)
+        assert len(old.checks) <= sent_before + 1, "at most one already under way"
+        assert new.checks and new.checks[-1].attributes["USERNAME"] == "r2:l2"
+        assert "expired" not in outcomes.of("moving")
+        checker.untrack(target)
+        assert standalone.tracked() == 0 and not target.active
+    finally:
+        old.close()
+        new.close()
+
+
+async def test_exported_counters_add_up_every_planes_work(standalone: ConsentPlane) -> None:
+    outcomes = ("checked", "verified", "missed", "expired")
+
+    def exported() -> dict[str, float]:
+        return {
+            outcome: REGISTRY.get_sample_value(
+                "spaces_media_consent_messages_total", {"outcome": outcome}
+            )
+            or 0.0
+            for outcome in outcomes
+        }
+
+    before = exported()
+    checker = PlaneChecker(standalone)
+    peer = Peer()
+    try:
+        target = Outcomes().target("peer", peer.params)
+        checker.track(target)
+        await asyncio.sleep(0.2)
+        peer.answering = False
+        await asyncio.sleep(0.3)
+        assert not target.active
+        during = exported()
+        assert all(during[outcome] > before[outcome] for outcome in outcomes), (before, during)
+        standalone.close()
+        assert exported() == during, "a closed plane's work stays counted"
+    finally:
+        peer.close()
 
 
 async def test_ipv6_sources_are_answered_and_forwarded_with_their_address() -> None:
