@@ -60,11 +60,14 @@ struct target {
     uint8_t key[MAX_CREDENTIAL];
 };
 
-/* A check awaiting its answer: transaction id to target. */
+/* A check awaiting its answer: transaction id to target, and the key the check was
+ * signed with (an ICE restart may change the target's since). */
 struct expected {
     struct expected *next;
     uint8_t tid[12];
     uint64_t target;
+    int key_size;
+    uint8_t key[MAX_CREDENTIAL];
 };
 
 struct table {
@@ -470,6 +473,8 @@ static int check(struct plane *plane, struct target *target, double now, struct 
     }
     memcpy(expected->tid, tid, 12);
     expected->target = target->id;
+    expected->key_size = target->key_size;
+    memcpy(expected->key, target->key, (size_t)target->key_size);
     struct expected **slot = find_expected(plane, tid);
     expected->next = *slot; /* a repeated random id is astronomically unlikely */
     *slot = expected;
@@ -562,7 +567,7 @@ static int take_answer(struct plane *plane, const uint8_t *data, int size, int t
         return 1;
     }
     struct spaces_stun_check check;
-    int valid = spaces_stun_check(data, size, target->key, target->key_size, &check);
+    int valid = spaces_stun_check(data, size, expected->key, expected->key_size, &check);
     if (!valid || (type == BINDING_SUCCESS && !check.authenticated)) {
         plane->stats.dropped++; /* ours, but forged or corrupt: as if lost */
         return 1;

@@ -208,12 +208,15 @@ async def test_checks_from_other_addresses_or_after_forget_are_not_answered(
 class Peer:
     """A peer on its own socket that answers the node's consent checks (or not)."""
 
-    def __init__(self, password: bytes = REMOTE_PWD) -> None:
+    def __init__(self, password: bytes = REMOTE_PWD, delay: float = 0.0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
         self.address: Address = self.sock.getsockname()
         self.password = password
+        self.accepted = [password]
+        """Passwords a check may be signed with; the answer is signed with the same one."""
+        self.delay = delay
         self.answering = True
         self.refusing = False
         self.forging = False
@@ -229,11 +232,15 @@ class Peer:
             if not self.answering:
                 continue
             tid = request.transaction_id
+            key = next(k for k in self.accepted if request.check_message_integrity(k))
             if self.refusing:
                 reply = response(tid, None, success=False)
             else:
-                reply = response(tid, b"forged-password-012345" if self.forging else self.password)
-            self.sock.sendto(reply, source)
+                reply = response(tid, b"forged-password-012345" if self.forging else key)
+            if self.delay:
+                loop.call_later(self.delay, self.sock.sendto, reply, source)
+            else:
+                self.sock.sendto(reply, source)
 
     def params(self, username: str = "r:l") -> CheckParams:
         return CheckParams(username, 1234, 99, False, self.password, self.address)
@@ -394,6 +401,35 @@ async def test_refreshed_parameters_apply_from_the_next_check(standalone: Consen
     finally:
         old.close()
         new.close()
+
+
+async def test_an_answer_is_checked_with_the_key_its_check_was_signed_with(
+    standalone: ConsentPlane,
+) -> None:
+    """An ICE restart changes the remote password while a check is under way: its answer,
+    signed with the old password, still counts (as in :class:`ConsentChecker`)."""
+    checker = PlaneChecker(standalone)
+    passwords = [b"first-remote-password-0", b"second-remote-password-0"]
+    peer = Peer(passwords[0], delay=0.03)  # a check is under way most of the time
+    peer.accepted = passwords
+    current = {"password": passwords[0]}
+    outcomes = Outcomes()
+    try:
+        target = outcomes.target(
+            "restarting",
+            lambda: CheckParams("r:l", 1, 2, False, current["password"], peer.address),
+        )
+        checker.track(target)
+        await asyncio.sleep(0.15)
+        for round_ in range(12):
+            current["password"] = passwords[(round_ + 1) % 2]
+            checker.refresh(target)
+            await asyncio.sleep(0.07)
+        assert outcomes.of("restarting") == [], "no answer taken for a forgery"
+        assert standalone.stats()["dropped"] == 0
+        assert len(peer.checks) >= 15
+    finally:
+        peer.close()
 
 
 async def test_exported_counters_add_up_every_planes_work(standalone: ConsentPlane) -> None:
