@@ -25,9 +25,8 @@ from services.media.consent import ICE_CONTROLLED, CheckParams, ConsentTarget, b
 from services.media.consent_plane import ConsentPlane, PlaneChecker
 from services.media.icemux import IceMux, MuxedStunProtocol
 from tests.helpers.ice import loopback_ice  # noqa: F401  (an autouse fixture)
-
-LOCAL_PWD = b"local-password-0123456789"
-REMOTE_PWD = b"remote-password-0123456789"
+from tests.unit.media.test_consent import LOCAL_PWD, REMOTE_PWD, aioice_request
+from tests.unit.media.test_icemux import receive
 
 Address = tuple[str, int]
 
@@ -43,14 +42,6 @@ class Forwarded:
 
 
 @pytest.fixture
-async def mux() -> AsyncIterator[IceMux]:
-    running = IceMux("127.0.0.1")
-    await running.start()
-    yield running
-    running.close()
-
-
-@pytest.fixture
 def plane(mux: IceMux) -> ConsentPlane:
     assert mux.plane is not None, "the native module is built and the kernel steers STUN"
     return mux.plane
@@ -61,26 +52,6 @@ def forwarded(plane: ConsentPlane) -> Forwarded:
     recorder = Forwarded()
     plane._dispatch = recorder
     return recorder
-
-
-@pytest.fixture
-def client() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def request(username: str, password: bytes, **extra: object) -> bytes:
-    message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-    message.attributes["USERNAME"] = username
-    message.attributes["PRIORITY"] = 1853824767
-    for name, value in extra.items():
-        message.attributes[name] = value
-    message.add_message_integrity(password)
-    message.add_fingerprint()
-    return bytes(message)
 
 
 def response(tid: bytes, password: bytes | None, success: bool = True) -> bytes:
@@ -99,14 +70,6 @@ def response(tid: bytes, password: bytes | None, success: bool = True) -> bytes:
     return bytes(message)
 
 
-async def receive(sock: socket.socket, timeout: float = 1.0) -> bytes | None:
-    loop = asyncio.get_running_loop()
-    try:
-        return await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
-    except TimeoutError:
-        return None
-
-
 async def settled(plane: ConsentPlane, key: str, count: int) -> dict[str, int]:
     """The plane's counters once ``key`` reached ``count`` (or after a second)."""
     for _ in range(100):
@@ -119,29 +82,23 @@ async def settled(plane: ConsentPlane, key: str, count: int) -> dict[str, int]:
 
 
 async def test_stun_reaches_the_plane_and_media_the_mux_from_every_source_port(
-    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded
+    mux: IceMux, plane: ConsentPlane, forwarded: Forwarded, clients: list[socket.socket]
 ) -> None:
     on_mux: list[bytes] = []
     mux.dispatch = lambda data, address, received=0.0: on_mux.append(data)  # type: ignore[method-assign]
-    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
-    try:
-        for i, sock in enumerate(clients):  # 40 source ports: hashing would spread them
-            sock.bind(("127.0.0.1", 0))
-            sock.sendto(b"\x00\x01stun" + bytes([i]), ("127.0.0.1", mux.port))
-            sock.sendto(b"\x80\x6fsrtp" + bytes([i]), ("127.0.0.1", mux.port))
-            sock.sendto(b"\x16dtls" + bytes([i]), ("127.0.0.1", mux.port))
-        stats = await settled(plane, "forwarded", 40)
-        assert stats["forwarded"] == 40 and stats["answered"] == stats["verified"] == 0
-        assert sorted(forwarded.datagrams) == sorted(
-            (b"\x00\x01stun" + bytes([i]), sock.getsockname()) for i, sock in enumerate(clients)
-        ), "every STUN datagram, with its source address, and nothing else"
-        assert sorted(on_mux) == sorted(
-            [b"\x80\x6fsrtp" + bytes([i]) for i in range(40)]
-            + [b"\x16dtls" + bytes([i]) for i in range(40)]
-        )
-    finally:
-        for sock in clients:
-            sock.close()
+    for i, sock in enumerate(clients):
+        sock.sendto(b"\x00\x01stun" + bytes([i]), ("127.0.0.1", mux.port))
+        sock.sendto(b"\x80\x6fsrtp" + bytes([i]), ("127.0.0.1", mux.port))
+        sock.sendto(b"\x16dtls" + bytes([i]), ("127.0.0.1", mux.port))
+    stats = await settled(plane, "forwarded", 40)
+    assert stats["forwarded"] == 40 and stats["answered"] == stats["verified"] == 0
+    assert sorted(forwarded.datagrams) == sorted(
+        (b"\x00\x01stun" + bytes([i]), sock.getsockname()) for i, sock in enumerate(clients)
+    ), "every STUN datagram, with its source address, and nothing else"
+    assert sorted(on_mux) == sorted(
+        [b"\x80\x6fsrtp" + bytes([i]) for i in range(40)]
+        + [b"\x16dtls" + bytes([i]) for i in range(40)]
+    )
 
 
 async def test_a_consent_check_is_answered_on_the_thread_as_python_answers_it(
@@ -149,7 +106,7 @@ async def test_a_consent_check_is_answered_on_the_thread_as_python_answers_it(
 ) -> None:
     address = client.getsockname()
     assert plane.answer_for(address, "lufrag", LOCAL_PWD, ICE_CONTROLLED)
-    check = request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLING": 7})
+    check = aioice_request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLING": 7})
     client.sendto(check, ("127.0.0.1", mux.port))
     answer = await receive(client)
     assert answer == binding_success(check[8:20], address, LOCAL_PWD), "the reference's bytes"
@@ -163,13 +120,13 @@ async def test_a_consent_check_is_answered_on_the_thread_as_python_answers_it(
 @pytest.mark.parametrize(
     "name,check",
     [
-        ("nomination", request("lufrag:rufrag", LOCAL_PWD, **{"USE-CANDIDATE": None})),
-        ("role conflict", request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLED": 7})),
-        ("wrong password", request("lufrag:rufrag", b"w" * 22)),
-        ("other session", request("other:rufrag", LOCAL_PWD)),
-        ("ufrag prefix only", request("lufragX:rufrag", LOCAL_PWD)),
+        ("nomination", aioice_request("lufrag:rufrag", LOCAL_PWD, **{"USE-CANDIDATE": None})),
+        ("role conflict", aioice_request("lufrag:rufrag", LOCAL_PWD, **{"ICE-CONTROLLED": 7})),
+        ("wrong password", aioice_request("lufrag:rufrag", b"w" * 22)),
+        ("other session", aioice_request("other:rufrag", LOCAL_PWD)),
+        ("ufrag prefix only", aioice_request("lufragX:rufrag", LOCAL_PWD)),
         ("no integrity", bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))),
-        ("truncated", request("lufrag:rufrag", LOCAL_PWD)[:-9]),
+        ("truncated", aioice_request("lufrag:rufrag", LOCAL_PWD)[:-9]),
     ],
 )
 async def test_anything_else_goes_to_the_event_loop_unanswered(
@@ -191,7 +148,7 @@ async def test_anything_else_goes_to_the_event_loop_unanswered(
 async def test_checks_from_other_addresses_or_after_forget_are_not_answered(
     mux: IceMux, plane: ConsentPlane, forwarded: Forwarded, client: socket.socket
 ) -> None:
-    check = request("lufrag:rufrag", LOCAL_PWD)
+    check = aioice_request("lufrag:rufrag", LOCAL_PWD)
     plane.answer_for(("127.0.0.1", client.getsockname()[1] ^ 1), "lufrag", LOCAL_PWD, 0)
     client.sendto(check, ("127.0.0.1", mux.port))
     await settled(plane, "forwarded", 1)
@@ -477,7 +434,7 @@ async def test_ipv6_sources_are_answered_and_forwarded_with_their_address() -> N
         probe.setblocking(False)
         address = probe.getsockname()[:2]
         mux.plane.answer_for(address, "lufrag", LOCAL_PWD, 0)
-        check = request("lufrag:rufrag", LOCAL_PWD)
+        check = aioice_request("lufrag:rufrag", LOCAL_PWD)
         probe.sendto(check, ("::1", mux.port))
         assert await receive(probe) == binding_success(check[8:20], address, LOCAL_PWD)
         probe.sendto(b"\x01\x01" + os.urandom(30), ("::1", mux.port))

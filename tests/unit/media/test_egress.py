@@ -9,7 +9,6 @@ import asyncio
 import os
 import select
 import socket
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -61,12 +60,9 @@ class Listener:
 
 
 @pytest.fixture
-def sender() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    yield sock
-    sock.close()
+def sender(client: socket.socket) -> socket.socket:
+    """The socket the egress sends from (``conftest.client``)."""
+    return client
 
 
 @pytest.fixture(params=[True, False], ids=["native", "python"])

@@ -7,30 +7,12 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from aioice import stun
 from aioice.ice import Connection
 
 from services.media.icemux import IceMux, MuxedStunProtocol
-
-
-@pytest.fixture
-async def mux() -> AsyncIterator[IceMux]:
-    running = IceMux("127.0.0.1")
-    await running.start()
-    yield running
-    running.close()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    yield sock
-    sock.close()
 
 
 def binding_request(connection: Connection, password: str) -> bytes:
@@ -129,16 +111,16 @@ async def test_arrival_times_come_from_the_kernel(mux: IceMux, client: socket.so
     await connection.close()
 
 
-async def test_send_sockets_share_the_port_and_never_take_its_traffic(mux: IceMux) -> None:
+async def test_send_sockets_share_the_port_and_never_take_its_traffic(
+    mux: IceMux, clients: list[socket.socket]
+) -> None:
     fds = mux.send_sockets(3)
     assert len(fds) == 3, "this kernel takes SO_REUSEPORT and its BPF steering"
     senders = [socket.socket(fileno=os.dup(fd)) for fd in fds]
     arrived: list[bytes] = []
     mux.dispatch = lambda data, address, received=0.0: arrived.append(data)  # type: ignore[method-assign]
-    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
     try:
-        for i, client in enumerate(clients):  # 40 source ports: hashing would spread them
-            client.bind(("127.0.0.1", 0))
+        for i, client in enumerate(clients):
             client.sendto(b"\x80\x6f" + bytes([i]), ("127.0.0.1", mux.port))
         for _ in range(50):
             if len(arrived) == len(clients):
@@ -153,7 +135,7 @@ async def test_send_sockets_share_the_port_and_never_take_its_traffic(mux: IceMu
             data, source = clients[0].recvfrom(2048)
             assert (data, source) == (b"hi", ("127.0.0.1", mux.port))
     finally:
-        for sock in [*clients, *senders]:
+        for sock in senders:
             sock.close()
 
 
