@@ -12,11 +12,12 @@ from aiortc.rtp import (
     RtcpRrPacket,
     RtcpSdesPacket,
     RtcpSenderInfo,
+    RtcpSourceInfo,
     RtcpSrPacket,
 )
 from prometheus_client import REGISTRY
 
-from services.media.forwarding import ForwardingGroup
+from services.media.forwarding import ForwardingGroup, SlotLane
 from services.media.ingress import Publisher, ReceiveStatistics
 from services.media.levels import LevelMeter
 from services.media.rtcp import compound_report, ntp_middle, read_reports
@@ -98,6 +99,85 @@ def test_the_compound_report_has_an_sr_per_active_slot_and_the_publisher_rr() ->
     only_rr = RtcpPacket.parse(compound_report([], "c", 99, stats, now=101.0) or b"")
     assert isinstance(only_rr[0], RtcpRrPacket) and only_rr[0].ssrc == 99
     assert compound_report(g.lanes[1:], "c", 99, None, now=101.0) is None
+
+
+def reference_report(
+    lanes: list[SlotLane],
+    cname: str,
+    receiver_ssrc: int,
+    block: RtcpReceiverInfo | None,
+    now: float,
+) -> bytes | None:
+    """The compound report built with aiortc's RTCP packet classes (what the engine sent
+    before it packed reports itself)."""
+    ntp = clock.current_ntp_time()
+    packets: list[RtcpSrPacket | RtcpRrPacket | RtcpSdesPacket] = []
+    ssrcs: list[int] = []
+    reports = [block] if block is not None else []
+    for lane in lanes:
+        if not lane.packets or lane.last_time is None:
+            continue
+        rtp_now = (lane.last_ts + int(max(0.0, now - lane.last_time) * 48000)) & 0xFFFFFFFF
+        info = RtcpSenderInfo(
+            ntp_timestamp=ntp,
+            rtp_timestamp=rtp_now,
+            packet_count=lane.packets & 0xFFFFFFFF,
+            octet_count=lane.octets & 0xFFFFFFFF,
+        )
+        packets.append(RtcpSrPacket(ssrc=lane.ssrc, sender_info=info, reports=reports))
+        ssrcs.append(lane.ssrc)
+        reports = []
+    if reports:
+        packets.insert(0, RtcpRrPacket(ssrc=receiver_ssrc, reports=reports))
+        ssrcs.append(receiver_ssrc)
+    if not packets:
+        return None
+    for ssrc in ssrcs:
+        chunk = RtcpSourceInfo(ssrc=ssrc, items=[(1, cname.encode())])
+        packets.append(RtcpSdesPacket(chunks=[chunk]))
+    return b"".join(bytes(packet) for packet in packets)
+
+
+@pytest.mark.parametrize("cname_length", [0, 1, 2, 3, 4, 5, 16, 17, 255])
+@pytest.mark.parametrize("active_lanes", [0, 1, 3])
+@pytest.mark.parametrize("publishing", [False, True])
+def test_the_packed_report_is_byte_for_byte_aiortcs(
+    monkeypatch: pytest.MonkeyPatch, cname_length: int, active_lanes: int, publishing: bool
+) -> None:
+    frozen_ntp = clock.current_ntp_time()
+    monkeypatch.setattr(clock, "current_ntp_time", lambda: frozen_ntp)
+    rng = random.Random(cname_length * 10 + active_lanes)
+    g = ForwardingGroup(1, 111, (10, 20, 0xFFFFFFFF), rng=rng)
+    g.assign([(speaker, 90.0 - i) for i, speaker in enumerate("abc"[:active_lanes])], margin=3)
+    for i, lane in enumerate(g.lanes[:active_lanes]):
+        for n in range(rng.randrange(1, 40)):
+            g.rewrite(lane, n, 1 + n, 960 * n, 0, b"x" * rng.randrange(1, 200), now=100.0 + i)
+    cname = "".join(rng.choice("abcdef0123") for _ in range(cname_length))
+    block = None
+    if publishing:
+        block = RtcpReceiverInfo(
+            ssrc=0xDEADBEEF,
+            fraction_lost=rng.randrange(256),
+            packets_lost=rng.choice([0, 5, -3, 0x7FFFFF, -0x800000]),
+            highest_sequence=rng.randrange(1 << 32),
+            jitter=rng.randrange(1 << 32),
+            lsr=rng.randrange(1 << 32),
+            dlsr=rng.randrange(1 << 32),
+        )
+
+    class Fixed(ReceiveStatistics):
+        def report(self, now: float) -> RtcpReceiverInfo:
+            assert block is not None
+            return block
+
+    received = Fixed(ssrc=0xDEADBEEF, seq=0) if publishing else None
+    ours = compound_report(g.lanes, cname, 99, received, now=107.25)
+    assert ours == reference_report(g.lanes, cname, 99, block, now=107.25)
+    assert (ours is None) == (active_lanes == 0 and not publishing)
+    if ours is not None:
+        parsed = RtcpPacket.parse(ours)  # and aiortc reads it back
+        senders = [p for p in parsed if isinstance(p, RtcpSrPacket)]
+        assert len(senders) == active_lanes
 
 
 def test_listener_reports_feed_loss_jitter_and_round_trip_time(
