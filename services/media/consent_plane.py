@@ -46,7 +46,6 @@ __all__ = ["Address", "ConsentPlane", "PlaneChecker"]
 
 Address = tuple[str, int]
 _NATIVE: Any = native.MODULE
-_SOCKET_BUFFER = 4 << 20
 _FORWARD_BUFFER = 1 << 20
 _MAX_DATAGRAM = 4096
 _READ_BUDGET = 256
@@ -63,8 +62,9 @@ def _family_and_bytes(address: Address) -> tuple[int, bytes]:
 class ConsentPlane:
     """The native consent thread of one ICE mux, and the event-loop end of its forwards.
 
-    Use :meth:`open`, which joins the socket to the mux's port; the mux then steers STUN
-    to it (it must be the second socket of the port's reuseport group). After
+    The ICE mux joins ``stun_socket`` to its port and steers STUN to it (it must be the
+    second socket of the port's reuseport group). The plane owns the socket from then on
+    and closes it, also when the thread does not start (``OSError``). After
     :meth:`close` every method is a no-op (sessions closing after the mux still untrack
     their consent).
 
@@ -104,32 +104,10 @@ class ConsentPlane:
         self._closed_totals = dict.fromkeys(_OUTCOMES, 0)
         _PLANES.add(self)
 
-    @classmethod
-    def open(
-        cls,
-        family: int,
-        host: str,
-        port: int,
-        dispatch: Callable[[bytes, Address], None],
-        interval: float,
-        failures: int,
-    ) -> ConsentPlane | None:
-        """Join a socket to ``(host, port)``'s reuseport group and start the thread;
-        ``None`` without the native module or when the kernel refuses."""
-        if _NATIVE is None:
-            return None
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            return cls(sock, dispatch, interval, failures)
-        except OSError as exc:
-            sock.close()
-            logger.warning("no consent plane on the ICE mux's port: %s", exc)
-            return None
+    @staticmethod
+    def available() -> bool:
+        """Whether the native module (and so the thread) is built."""
+        return _NATIVE is not None
 
     @property
     def timeout(self) -> float:

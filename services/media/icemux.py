@@ -277,11 +277,13 @@ class IceMux:
         # Same time to notice a vanished peer as aioice's (failures x 1.2 x interval),
         # in fewer, RFC 7675-paced checks: one per ~4.7 s instead of ~3.9 s by default.
         interval = internals.consent_interval() * internals.CONSENT_FAILURES / MUX_CONSENT_FAILURES
-        if self._reuseport and self._want_plane:
+        if self._reuseport and self._want_plane and ConsentPlane.available():
             # The second socket of the reuseport group: where the program sends STUN.
-            self.plane = ConsentPlane.open(
-                family, self.host, self.port, self.dispatch, interval, MUX_CONSENT_FAILURES
-            )
+            try:
+                stun = _group_socket(family, self.host, self.port, _SOCKET_BUFFER)
+                self.plane = ConsentPlane(stun, self.dispatch, interval, MUX_CONSENT_FAILURES)
+            except OSError as exc:
+                logger.warning("no consent plane on the ICE mux's port: %s", exc)
         if self._reuseport:
             program = _FIRST_SOCKET_PROGRAM if self.plane is None else _STUN_TO_SECOND_PROGRAM
             self._reuseport = _steer(sock, program)
@@ -327,19 +329,12 @@ class IceMux:
         """
         if not self._reuseport or self._sock is None:
             return []
-        family = self._sock.family
         fds: list[int] = []
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
                 # Nothing reads it; a datagram that reaches it anyway must not pile up.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((self.host, self.port))
+                sock = _group_socket(self._sock.family, self.host, self.port, 1)
             except OSError as exc:
-                sock.close()
                 logger.warning("no send sockets on the ICE mux's port: %s", exc)
                 break
             self._send_socks.append(sock)
@@ -739,6 +734,22 @@ def _claim_port(family: int, host: str, port: int) -> int:
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.bind((host, port))
         return int(probe.getsockname()[1])
+
+
+def _group_socket(family: int, host: str, port: int, receive_buffer: int) -> socket.socket:
+    """A non-blocking socket joining ``(host, port)``'s reuseport group (the mux's, which
+    must be bound first); raises ``OSError`` when the kernel refuses."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _join_reuseport(sock: socket.socket) -> bool:
